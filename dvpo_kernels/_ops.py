@@ -1,0 +1,232 @@
+"""torch.library custom ops: the autograd and torch.compile layer over the backends.
+
+Each op takes already-validated, flattened tensors plus the resolved backend name, so
+``torch.compile(fullgraph=True)`` sees one opaque node per op (fake kernels give shapes).
+Gradient flags are an int bitmask: 1 = hidden, 2 = weight, 4 = bias.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, register_fake
+
+from . import _backends
+from ._params import STAT_NAMES, LossParams
+
+NEED_H, NEED_W, NEED_B = 1, 2, 4
+_EMPTY = (0,)
+
+
+def _sd(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flags(need: int):
+    return bool(need & NEED_H), bool(need & NEED_W), bool(need & NEED_B)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(_EMPTY)
+
+
+# --- linear_logprobs -------------------------------------------------------------------------
+
+@custom_op("dvpo::linear_logprobs", mutates_args=())
+def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                    temperature: float, return_entropy: bool, memory: str,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backends.impl(backend, "linear_logprobs")
+    return fn(hidden, weight, targets, bias, temperature, return_entropy, memory)
+
+
+@register_fake("dvpo::linear_logprobs")
+def _(hidden, weight, targets, bias, temperature, return_entropy, memory, backend):
+    n = hidden.shape[0]
+    sd = _sd(hidden)
+    return (hidden.new_empty(n, dtype=sd), hidden.new_empty(n if return_entropy else 0, dtype=sd),
+            hidden.new_empty(n, dtype=sd))
+
+
+@custom_op("dvpo::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor,
+                             weight: Tensor, targets: Tensor, bias: Optional[Tensor], lse: Tensor,
+                             entropy: Tensor, temperature: float, memory: str, backend: str,
+                             need: int) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backends.impl(backend, "linear_logprobs_backward")
+    dh, dw, db = fn(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, lse, entropy,
+                    memory, _flags(need))
+    return _or_empty(dh, hidden), _or_empty(dw, weight), _or_empty(db, weight)
+
+
+@register_fake("dvpo::linear_logprobs_backward")
+def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, memory,
+      backend, need):
+    dh, dw, db = _flags(need)
+    return (torch.empty_like(hidden) if dh else hidden.new_empty(_EMPTY),
+            torch.empty_like(weight) if dw else weight.new_empty(_EMPTY),
+            torch.empty_like(bias) if (db and bias is not None) else weight.new_empty(_EMPTY))
+
+
+def _ll_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, return_entropy, memory, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
+    ctx.cfg = (temperature, return_entropy, memory, backend)
+
+
+def _ll_backward(ctx, g_logp, g_ent, _g_lse):
+    hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
+    temperature, return_entropy, memory, backend = ctx.cfg
+    need = (NEED_H * ctx.needs_input_grad[0] + NEED_W * ctx.needs_input_grad[1]
+            + NEED_B * (bias is not None and ctx.needs_input_grad[3]))
+    dh, dw, db = torch.ops.dvpo.linear_logprobs_backward(
+        g_logp, g_ent if return_entropy else None, hidden, weight, targets, bias, lse, ent,
+        temperature, memory, backend, need)
+    dh, dw, db = (t if need & f else None for t, f in ((dh, NEED_H), (dw, NEED_W), (db, NEED_B)))
+    return dh, dw, None, db, None, None, None, None
+
+
+linear_logprobs.register_autograd(_ll_backward, setup_context=_ll_setup)
+
+
+# --- policy losses ---------------------------------------------------------------------------
+
+@custom_op("dvpo::policy_loss", mutates_args=())
+def policy_loss(logp: Tensor, entropy: Optional[Tensor], old: Tensor, adv: Tensor, tok_weight: Tensor,
+                mask: Tensor, ref: Optional[Tensor], clip_low: float, clip_high: float, dual_clip: float,
+                kl_coef: float, kl_type: str, entropy_coef: float,
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sd = _sd(logp)
+    cast = (lambda t: None if t is None else t.to(sd))
+    p = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
+    loss, stats, g_logp, g_ent = _backends.impl(backend, "policy_loss")(
+        cast(logp), cast(entropy), cast(old), cast(adv), cast(tok_weight), mask, cast(ref), p)
+    return loss, stats, g_logp, _or_empty(g_ent, g_logp)
+
+
+@register_fake("dvpo::policy_loss")
+def _(logp, entropy, old, adv, tok_weight, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
+      kl_type, entropy_coef, backend):
+    sd = _sd(logp)
+    n = logp.shape[0]
+    return (logp.new_empty((), dtype=sd), logp.new_empty(len(STAT_NAMES), dtype=sd),
+            logp.new_empty(n, dtype=sd), logp.new_empty(n if entropy is not None else 0, dtype=sd))
+
+
+def _pl_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.dtypes = (inputs[0].dtype, None if inputs[1] is None else inputs[1].dtype)
+
+
+def _pl_backward(ctx, g_loss, _g_stats, _g1, _g2):
+    g_logp, g_ent = ctx.saved_tensors
+    d_logp = (g_loss * g_logp).to(ctx.dtypes[0])
+    d_ent = None if ctx.dtypes[1] is None else (g_loss * g_ent).to(ctx.dtypes[1])
+    return (d_logp, d_ent) + (None,) * 12
+
+
+policy_loss.register_autograd(_pl_backward, setup_context=_pl_setup)
+
+
+@custom_op("dvpo::fused_policy_loss", mutates_args=())
+def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old: Tensor, adv: Tensor,
+                      tok_weight: Tensor, mask: Tensor, ref: Optional[Tensor], bias: Optional[Tensor],
+                      clip_low: float, clip_high: float, dual_clip: float, kl_coef: float, kl_type: str,
+                      entropy_coef: float, temperature: float, memory: str, backend: str,
+                      need: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
+    loss, stats, dh, dw, db = _backends.impl(backend, "fused_policy_loss")(
+        hidden, weight, targets, old, adv, tok_weight, mask, ref, bias, p, temperature, memory,
+        _flags(need))
+    return loss, stats, _or_empty(dh, hidden), _or_empty(dw, weight), _or_empty(db, weight)
+
+
+@register_fake("dvpo::fused_policy_loss")
+def _(hidden, weight, targets, old, adv, tok_weight, mask, ref, bias, clip_low, clip_high, dual_clip,
+      kl_coef, kl_type, entropy_coef, temperature, memory, backend, need):
+    sd = _sd(hidden)
+    dh, dw, db = _flags(need)
+    return (hidden.new_empty((), dtype=sd), hidden.new_empty(len(STAT_NAMES), dtype=sd),
+            torch.empty_like(hidden) if dh else hidden.new_empty(_EMPTY),
+            torch.empty_like(weight) if dw else weight.new_empty(_EMPTY),
+            torch.empty_like(bias) if (db and bias is not None) else weight.new_empty(_EMPTY))
+
+
+def _fpl_setup(ctx, inputs, output):
+    ctx.need = inputs[-1]
+    ctx.save_for_backward(*output[2:])
+
+
+def _fpl_backward(ctx, g_loss, _g_stats, _g_dh, _g_dw, _g_db):
+    dh, dw, db = ctx.saved_tensors
+    scale = (lambda t, f: (t * g_loss).to(t.dtype) if ctx.need & f else None)
+    return (scale(dh, NEED_H), scale(dw, NEED_W)) + (None,) * 6 + (scale(db, NEED_B),) + (None,) * 10
+
+
+fused_policy_loss.register_autograd(_fpl_backward, setup_context=_fpl_setup)
+
+
+# --- value head and advantages ---------------------------------------------------------------
+
+@custom_op("dvpo::value_head", mutates_args=())
+def value_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    return _backends.impl(backend, "value_head")(hidden, weight, bias)
+
+
+@register_fake("dvpo::value_head")
+def _(hidden, weight, bias, backend):
+    return hidden.new_empty(hidden.shape[0], dtype=_sd(hidden))
+
+
+def _vh_setup(ctx, inputs, output):
+    hidden, weight, bias, _ = inputs
+    ctx.save_for_backward(hidden, weight, bias)
+
+
+def _vh_backward(ctx, g):
+    hidden, weight, bias = ctx.saved_tensors
+    dh = (g[:, None] * weight.to(g.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+    dw = (g @ hidden.to(g.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    db = g.sum().reshape(bias.shape).to(bias.dtype) if (bias is not None and ctx.needs_input_grad[2]) else None
+    return dh, dw, db, None
+
+
+value_head.register_autograd(_vh_backward, setup_context=_vh_setup)
+
+
+@custom_op("dvpo::gae", mutates_args=())
+def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float,
+        backend: str) -> tuple[Tensor, Tensor]:
+    return _backends.impl(backend, "gae")(values, rewards, mask, gamma, lam)
+
+
+@register_fake("dvpo::gae")
+def _(values, rewards, mask, gamma, lam, backend):
+    return torch.empty_like(values), torch.empty_like(values)
+
+
+@custom_op("dvpo::masked_whiten", mutates_args=())
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool, eps: float, backend: str) -> Tensor:
+    return _backends.impl(backend, "masked_whiten")(x, mask, shift_mean, eps)
+
+
+@register_fake("dvpo::masked_whiten")
+def _(x, mask, shift_mean, eps, backend):
+    return torch.empty_like(x)
+
+
+@custom_op("dvpo::dvpo_advantages", mutates_args=())
+def dvpo_advantages(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
+                    old: Optional[Tensor], ref: Optional[Tensor], kl_coef: float, score: Optional[Tensor],
+                    gamma: float, lam: float, value_norm: str, whiten_advantages: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _backends.impl(backend, "dvpo_advantages")(hidden, weight, bias, mask, old, ref, kl_coef, score,
+                                                       gamma, lam, value_norm, whiten_advantages)
+
+
+@register_fake("dvpo::dvpo_advantages")
+def _(hidden, weight, bias, mask, old, ref, kl_coef, score, gamma, lam, value_norm, whiten_advantages, backend):
+    out = hidden.new_empty(mask.shape, dtype=_sd(hidden))
+    return out, torch.empty_like(out), torch.empty_like(out)
