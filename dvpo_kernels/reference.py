@@ -54,7 +54,9 @@ def policy_loss(logp, old, adv, mask, ref=None, clip_low=0.2, clip_high=0.2, dua
 
 def value_head(hidden, weight, bias=None):
     v = hidden.double() @ weight.double().reshape(-1)
-    return v + float(bias) if bias is not None else v
+    if bias is None:
+        return v
+    return v + (bias.double().reshape(()) if isinstance(bias, torch.Tensor) else float(bias))
 
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
