@@ -161,6 +161,7 @@ def _fpl_setup(ctx, inputs, output):
 
 def _fpl_backward(ctx, g_loss, _g_stats, _g_dh, _g_dw, _g_db):
     dh, dw, db = ctx.saved_tensors
+    # Out of place, so retain_graph / gradcheck can run backward more than once.
     scale = (lambda t, f: (t * g_loss).to(t.dtype) if ctx.need & f else None)
     return (scale(dh, NEED_H), scale(dw, NEED_W)) + (None,) * 6 + (scale(db, NEED_B),) + (None,) * 10
 
