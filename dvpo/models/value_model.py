@@ -1,0 +1,53 @@
+"""A token-level value model: a transformer backbone and a scalar head, values in fp32."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import dvpo_kernels as dk
+
+
+class ValueModel(nn.Module):
+    """Wraps a Hugging Face ``*ForTokenClassification`` with one label (its ``score`` head is the value
+    head), possibly inside a PEFT LoRA model. ``forward`` returns the value at every position,
+    computed by ``dvpo_kernels.value_head`` in fp32 whatever the compute dtype; the numbers are
+    those of the wrapped model's own forward (its logits)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The ``*ForTokenClassification`` itself (under LoRA: with the adapters in it)."""
+        return self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+
+    @property
+    def backbone(self) -> nn.Module:
+        hf = self.hf_model
+        return getattr(hf, hf.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.hf_model.score
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final hidden states ``[B, L, H]`` (the states the value head reads)."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Values ``[B, L]`` fp32: position ``t`` holds the value of the state before token ``t + 1``."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return dk.value_head(hidden, self.head.weight, self.head.bias)
+
+    @torch.no_grad()
+    def export(self, folder: str | Path, tokenizer) -> None:
+        """``save_pretrained`` (safetensors) plus the tokenizer: loads with
+        ``AutoModelForTokenClassification.from_pretrained(folder)``. LoRA adapters are merged first
+        (the wrapped module becomes the merged model)."""
+        if hasattr(self.module, "merge_and_unload"):
+            self.module = self.module.merge_and_unload()
+        self.module.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)

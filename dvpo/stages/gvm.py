@@ -1,0 +1,320 @@
+"""``dvpo gvm``: pretrain a Global Value Model (GVM) offline on preference pairs.
+
+The recipe of the DVPO paper's code: each pair becomes two sequences, the chosen one with reward +1
+and the rejected one with -1, placed on the last response token (0 elsewhere). For each batch a
+no-grad pass of the current model gives V(s_t) on every response state; the targets are GAE
+lambda-returns (gamma 1, lambda 0.95) from those values; then ``epochs_per_batch`` passes over the
+batch minimise ``0.5 * masked MSE(V, targets)``. Scored responses (``prompt``, ``response``,
+``reward``) train the same way with their reward. Held-out pairs measure how often the chosen
+response gets the higher value (at the last response state, and averaged over the response).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import ConfigError, option, section
+from ..data import (
+    DataConfig,
+    DataStats,
+    Encoder,
+    PreferencePair,
+    ScoredResponse,
+    ValueExample,
+    collate_values,
+    read_preference_pairs,
+    read_scored,
+    render_prompt,
+    render_response,
+)
+from ..models import ModelConfig, ValueModel, apply_lora, load_token_value_model, load_tokenizer, train_bpe_tokenizer
+from ..objectives import last_values, mean_values, pair_wins, pairwise_loss, value_loss, value_targets
+from ..trainer import (
+    EpochBatches,
+    TrainConfig,
+    Trainer,
+    apply_update,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    distributed,
+    resolve_resume,
+    start_run,
+    step_generator,
+    trainable_parameters,
+    use_bf16,
+    write_json,
+)
+from .registry import register_stage
+
+log = logging.getLogger(__name__)
+
+CHOSEN_REWARD, REJECTED_REWARD = 1.0, -1.0
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+@dataclass
+class GVMDataConfig(DataConfig):
+    pairs: list[str] = option(default_factory=list, path=True,
+                              help="preference JSONL files (prompt/chosen/rejected, or Anthropic HH), .gz or not")
+    scored: list[str] = option(default_factory=list, path=True,
+                               help="scalar-scored JSONL files (prompt/response/reward), a second training source")
+    eval_pairs: list[str] = option(default_factory=list, path=True,
+                                   help="held-out preference files (empty = hold out eval_fraction of data.pairs)")
+    eval_fraction: float = option(0.05, "fraction of data.pairs held out when data.eval_pairs is empty")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.pairs and not self.scored:
+            raise ConfigError("data.pairs or data.scored must name at least one file")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class GVMObjectiveConfig:
+    target: Literal["td_lambda", "mc"] = option(
+        "td_lambda", "regression target: GAE lambda-returns from a no-grad pass of the current model (td_lambda), "
+                     "or the discounted final reward at every token (mc)")
+    gamma: float = option(1.0, "discount of the returns")
+    lam: float = option(0.95, "GAE lambda of the td_lambda targets")
+    epochs_per_batch: int = option(2, "passes over each batch with the targets of its no-grad pass")
+    mini_batch_size: int = option(0, "examples per optimizer update within a pass (0 = the whole batch)")
+    pairwise_coef: float = option(0.0, "weight of a Bradley-Terry term -logsigmoid(V_chosen - V_rejected) on the "
+                                       "last-state values of each pair")
+
+    def validate(self) -> None:
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ConfigError(f"gvm.gamma and gvm.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.epochs_per_batch < 1:
+            raise ConfigError(f"gvm.epochs_per_batch must be >= 1, got {self.epochs_per_batch}")
+        if self.mini_batch_size < 0 or self.pairwise_coef < 0:
+            raise ConfigError("gvm.mini_batch_size and gvm.pairwise_coef must be >= 0")
+
+
+@dataclass
+class GVMStageConfig:
+    model: ModelConfig = section(ModelConfig, "backbone + zero-initialised value head (score = Linear(hidden, 1))")
+    data: GVMDataConfig = section(GVMDataConfig, "training and held-out data")
+    gvm: GVMObjectiveConfig = section(GVMObjectiveConfig, "the value objective")
+    train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/gvm"), "optimisation, logging, checkpoints")
+
+    def validate(self) -> None:
+        if self.gvm.mini_batch_size > self.train.batch_size:
+            raise ConfigError(f"gvm.mini_batch_size ({self.gvm.mini_batch_size}) exceeds train.batch_size "
+                              f"({self.train.batch_size})")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclass
+class GVMData:
+    tokenizer: object
+    train: list[ValueExample]
+    eval: list[ValueExample]
+
+
+def _hold_out(pairs: list[PreferencePair], fraction: float, seed: int):
+    n_eval = round(len(pairs) * fraction)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def _tokenizer(cfg: GVMStageConfig, resume_from: Path | None, pairs, scored):
+    source = resume_from or cfg.model.tokenizer or cfg.model.path
+    if source is not None:
+        return load_tokenizer(str(source))
+    # A trained tokenizer has no chat template, so its texts are the plain renderings.
+    texts = (render_prompt(x.prompt, None, "plain") + render_response(x.prompt, r, "plain")
+             for x in [*pairs, *scored]
+             for r in ((x.chosen, x.rejected) if isinstance(x, PreferencePair) else (x.response,)))
+    return train_bpe_tokenizer(texts, cfg.model.vocab_size)
+
+
+def _encode_pairs(pairs: list[PreferencePair], encoder: Encoder) -> list[ValueExample]:
+    out = []
+    for pair in pairs:
+        seqs = encoder.encode(pair.prompt, [pair.chosen, pair.rejected], pair.where)
+        if seqs is not None:
+            out.append(ValueExample(tuple(seqs), (CHOSEN_REWARD, REJECTED_REWARD)))
+    return out
+
+
+def _encode_scored(records: list[ScoredResponse], encoder: Encoder) -> list[ValueExample]:
+    out = []
+    for rec in records:
+        seqs = encoder.encode(rec.prompt, [rec.response], rec.where)
+        if seqs is not None:
+            out.append(ValueExample(tuple(seqs), (rec.reward,)))
+    return out
+
+
+def prepare_data(cfg: GVMStageConfig, resume_from: Path | None = None) -> GVMData:
+    """Read, split, (train the tokenizer,) encode; every skip is counted, logged and saved to
+    ``data_stats.json`` in the run folder."""
+    d = cfg.data
+    pair_stats, scored_stats, eval_stats = DataStats("train pairs"), DataStats("scored"), DataStats("eval pairs")
+    pairs = read_preference_pairs(d.pairs, pair_stats, limit=d.limit) if d.pairs else []
+    scored = read_scored(d.scored, scored_stats, limit=d.limit) if d.scored else []
+    if d.eval_pairs:
+        eval_pairs = read_preference_pairs(d.eval_pairs, eval_stats)
+    else:
+        pairs, eval_pairs = _hold_out(pairs, d.eval_fraction, cfg.train.seed)
+        pair_stats.read -= len(eval_pairs)
+        pair_stats.notes["pairs held out for evaluation"] = eval_stats.read = len(eval_pairs)
+    tokenizer = _tokenizer(cfg, resume_from, pairs, scored)
+    kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
+    train = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))
+    train += _encode_scored(scored, Encoder(tokenizer, stats=scored_stats, **kw))
+    held_out = _encode_pairs(eval_pairs, Encoder(tokenizer, stats=eval_stats, **kw))
+    used = [s for s in (pair_stats, scored_stats) if s.read] + [eval_stats]
+    for stats in used:
+        stats.report()
+    write_json(Path(cfg.train.output_dir) / "data_stats.json", {s.name: s.as_dict() for s in used})
+    if not train:
+        raise ValueError("no training examples left after reading and encoding the data")
+    return GVMData(tokenizer, train, held_out)
+
+
+# --- training --------------------------------------------------------------------------------
+
+class GVMStep:
+    """One training step on a batch of examples: targets from a no-grad pass, then
+    ``epochs_per_batch`` shuffled passes of optimizer updates over mini-batches, each
+    accumulated over micro-batches."""
+
+    def __init__(self, cfg: GVMStageConfig, model: ValueModel, optimizer, scheduler, examples: list[ValueExample],
+                 pad_token_id: int, device: torch.device, bf16: bool):
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.examples, self.pad_token_id, self.device, self.bf16 = examples, pad_token_id, device, bf16
+        self.params = trainable_parameters(model)
+
+    def values(self, batch) -> torch.Tensor:
+        """V of each state ``[B, L-1]`` (the last position is the state after the final token)."""
+        with autocast(self.device, self.bf16):
+            return self.model(batch.input_ids, batch.attention_mask)[:, :-1]
+
+    def __call__(self, indices: list[int], step: int) -> dict:
+        g, t = self.cfg.gvm, self.cfg.train
+        batch = collate_values([self.examples[i] for i in indices], self.pad_token_id).to(self.device)
+        n = batch.num_examples
+        mini = max(1, (g.mini_batch_size or t.batch_size) // distributed.world_size())
+        micro = t.micro_batch_size or mini
+
+        # Targets from a no-grad pass of the current model, in micro-batches (rows stay in batch order).
+        self.model.eval()
+        old_values = torch.zeros(batch.mask.shape, device=self.device)
+        with torch.no_grad():
+            for m in range(0, n, micro):
+                group = list(range(m, min(n, m + micro)))
+                rows, (part,) = batch.rows(group), batch.select(group)
+                old_values[rows[0]:rows[-1] + 1, :part.mask.shape[1]] = self.values(part)
+        targets = value_targets(old_values, batch.rewards, batch.mask, target=g.target, gamma=g.gamma, lam=g.lam)
+        self.model.train()
+
+        generator = step_generator(t.seed, step)
+        sums = {"loss": 0.0, "value_loss": 0.0, "pairwise_loss": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(g.epochs_per_batch):
+            order = torch.randperm(n, generator=generator).tolist()
+            for start in range(0, n, mini):
+                group = order[start:start + mini]
+                tokens = batch.mask[batch.rows(group)].sum().clamp(min=1)
+                pairs = max(1, sum(len(batch.example_rows[e]) == 2 for e in group))
+                for m in range(0, len(group), micro):
+                    part, part_targets = batch.select(group[m:m + micro], targets)
+                    values = self.values(part)
+                    v_loss = value_loss(values, part_targets, part.mask, tokens)
+                    loss = v_loss
+                    if g.pairwise_coef > 0 and part.pairs.numel():
+                        p_loss = pairwise_loss(last_values(values, part.mask), part.pairs) / pairs
+                        loss = loss + g.pairwise_coef * p_loss
+                        sums["pairwise_loss"] += p_loss.detach()
+                    loss.backward()
+                    sums["loss"] += loss.detach()
+                    sums["value_loss"] += v_loss.detach()
+                sums["grad_norm"] += apply_update(self.params, self.optimizer, self.scheduler, t.max_grad_norm)
+                updates += 1
+        shown = ("loss", "grad_norm") + (("value_loss", "pairwise_loss") if g.pairwise_coef > 0 else ())
+        metrics = {f"train/{k}": sums[k] / updates for k in shown}
+        count = batch.mask.sum().clamp(min=1)
+        metrics["train/values"] = torch.where(batch.mask, old_values, 0.0).sum() / count
+        metrics["train/returns"] = targets.sum() / count
+        if batch.pairs.numel():
+            metrics["train/pair_acc_last"] = pair_wins(last_values(old_values, batch.mask), batch.pairs).mean()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(model: ValueModel, examples: list[ValueExample], *, batch_size: int, pad_token_id: int,
+                   device: torch.device, bf16: bool) -> dict[str, torch.Tensor]:
+    """Pairwise accuracy of the last-state value and of the mean value over the response (ties count
+    one half), and the mean last-state margin V_chosen - V_rejected; each rank scores its share of
+    ``examples`` and the counts are summed over ranks."""
+    model.eval()
+    shard = examples[distributed.rank()::distributed.world_size()]
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # wins_last, wins_mean, margin, pairs
+    for start in range(0, len(shard), batch_size):
+        batch = collate_values(shard[start:start + batch_size], pad_token_id).to(device)
+        with autocast(device, bf16):
+            values = model(batch.input_ids, batch.attention_mask)[:, :-1]
+        last, mean = last_values(values, batch.mask), mean_values(values, batch.mask)
+        totals += torch.stack([pair_wins(last, batch.pairs).sum(), pair_wins(mean, batch.pairs).sum(),
+                               (last[batch.pairs[:, 0]] - last[batch.pairs[:, 1]]).sum(),
+                               torch.tensor(float(batch.pairs.shape[0]), device=device)]).double()
+    model.train()
+    distributed.all_reduce_(totals)
+    n = totals[3].clamp(min=1)
+    return {"eval/pair_acc_last": totals[0] / n, "eval/pair_acc_mean": totals[1] / n, "eval/margin_last": totals[2] / n,
+            "eval/pairs": totals[3]}
+
+
+@register_stage("gvm", GVMStageConfig, "pretrain a Global Value Model on preference pairs", __doc__.split("\n\n", 1)[1])
+def run(cfg: GVMStageConfig) -> dict[str, float]:
+    """Train and export a GVM; returns the final held-out metrics (empty without held-out pairs)."""
+    device = start_run(cfg.train, cfg)
+    bf16 = use_bf16(cfg.train.precision, device)
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    data = prepare_data(cfg, resume_from)
+    tokenizer = data.tokenizer
+
+    module = load_token_value_model(cfg.model, tokenizer, device)
+    if cfg.model.lora_r > 0:
+        module = apply_lora(module, cfg.model)
+    model = ValueModel(module)
+
+    t = cfg.train
+    batches = EpochBatches(len(data.train), t.batch_size, seed=t.seed)
+    total_steps = t.max_steps or batches.steps_for(t.epochs)
+    per_rank = t.batch_size // distributed.world_size()
+    mini = max(1, (cfg.gvm.mini_batch_size or t.batch_size) // distributed.world_size())
+    updates = total_steps * cfg.gvm.epochs_per_batch * math.ceil(per_rank / mini)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, updates)
+    log.info("gvm: %d training examples, %d held-out pairs, %d steps (%d optimizer updates), device %s%s",
+             len(data.train), len(data.eval), total_steps, updates, device, ", bf16 autocast" if bf16 else "")
+
+    trainer = Trainer(t, model=model.module, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                      total_steps=total_steps)
+    trainer.restore()
+    step = GVMStep(cfg, model, optimizer, scheduler, data.train, tokenizer.pad_token_id, device, bf16)
+
+    def write_extra(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        if cfg.model.lora_r == 0:  # then model.safetensors + config.json load with from_pretrained
+            model.hf_model.config.save_pretrained(folder)
+
+    eval_fn = None
+    if data.eval:
+        def eval_fn():
+            return evaluate_pairs(model, data.eval, batch_size=per_rank, pad_token_id=tokenizer.pad_token_id,
+                                  device=device, bf16=bf16)
+
+    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder: model.export(folder, tokenizer),
+                       write_extra=write_extra)

@@ -1,0 +1,53 @@
+"""Resumable, seeded batching of example indices, sharded over data-parallel ranks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import distributed
+
+
+class EpochBatches:
+    """Batches of ``batch_size`` example indices; each epoch is a fresh permutation drawn from
+    ``(seed, epoch)``, the last incomplete batch of an epoch is dropped. The position
+    (epoch, batch) is the whole state, so a resumed run continues with the very next batch.
+    Under torch.distributed each rank gets its strided share of every global batch."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int, shuffle: bool = True):
+        if batch_size > num_examples:
+            raise ValueError(f"batch_size {batch_size} is larger than the {num_examples} training examples")
+        if batch_size % distributed.world_size():
+            raise ValueError(f"batch_size {batch_size} must divide evenly over {distributed.world_size()} ranks")
+        self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def steps_for(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.batches_per_epoch))
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != epoch:
+            order = torch.arange(self.num_examples) if not self.shuffle else torch.randperm(
+                self.num_examples, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def next(self) -> list[int]:
+        """The indices of this rank's share of the next batch."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        batch = self._order(self.epoch)[start:start + self.batch_size]
+        self.position += 1
+        return batch[distributed.rank()::distributed.world_size()].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,56 @@
+"""torch.distributed hooks. One process runs without ``torchrun``; under ``torchrun`` every rank
+trains on its shard of each batch, gradients are averaged, and only rank 0 writes files."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> None:
+    """Join the process group ``torchrun`` describes in the environment (no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum or mean over ranks (identity for one process)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of replicated parameters over ranks (what DDP does, without overlap)."""
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            all_reduce_(p.grad, "mean")
