@@ -200,6 +200,16 @@ def _is_sharded(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
+def _all_ranks_done(done: torch.Tensor, sharded: bool) -> bool:
+    """Every row finished -- on every rank when the model is sharded, since each forward is a collective
+    and all ranks must run the same number of decode steps."""
+    flag = done.all()
+    if sharded and torch.distributed.is_initialized():
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
 class RolloutEngine:
     """Generation bound to one model. Keeps the decode buffers (and the captured CUDA graph) of the last
     batch shape, so that repeated rollouts of the same batch size reuse them; `release()` frees them."""
@@ -211,6 +221,7 @@ class RolloutEngine:
         self.engine = engine
         self._state: _DecodeState | None = None
         self._state_key: tuple | None = None
+        self._sharded = False
 
     def release(self) -> None:
         """Drop the KV cache and captured graph (they hold memory between calls)."""
@@ -239,6 +250,7 @@ class RolloutEngine:
         ids, mask = _prompt_batch(prompt_ids, attention_mask, pad_token_id, vocab, device)
         cache_len = _round_up(ids.shape[1] + max_new_tokens, _CACHE_ALIGN)
         engine = self._resolve(device, cache_len)
+        self._sharded = _is_sharded(self.model)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         with _inference(self.model):
             if engine == "hf":
@@ -387,7 +399,7 @@ class RolloutEngine:
                 done |= torch.isin(tok, eos_ids)
             if t + 1 == max_new:
                 break
-            if eos_ids is not None and (t + 1) % sync_every == 0 and bool(done.all()):
+            if eos_ids is not None and (t + 1) % sync_every == 0 and _all_ranks_done(done, self._sharded):
                 break
             state.input_ids.copy_(tok[:, None])
             state.cache.seen += 1
@@ -409,6 +421,7 @@ class RolloutEngine:
             repetition_penalty=1.0,
             return_dict_in_generate=True,
             output_logits=return_logprobs,
+            synced_gpus=self._sharded,
         )
         if sampling["do_sample"]:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])

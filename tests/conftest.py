@@ -9,3 +9,19 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory):
+    """A tiny SFT policy (``final/`` folder with its tokenizer) from examples/sft_tiny.yaml on HH data."""
+    from _stages import HH, TINY, run_stage
+
+    if not HH.is_file():
+        pytest.skip("shared HH data not present")
+    out = tmp_path_factory.mktemp("sft") / "run"
+    run_stage("sft", "sft_tiny", out, **{**TINY, "data.train": str(HH), "data.limit": "96", "train.batch_size": "16",
+                                       "train.max_steps": "12", "train.lr": "3e-3", "train.save_every": "0"})
+    return out / "final"

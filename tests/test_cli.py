@@ -110,7 +110,8 @@ def test_cli_trains_the_example_config_briefly(tmp_path, monkeypatch):
     out = tmp_path / "run"
     rc = main(["gvm", "--config", "examples/gvm_tiny.yaml", "--data.limit", "24", "--data.max_length", "32",
                "--train.batch_size", "4", "--train.max_steps", "2", "--train.progress_bar", "false",
-               "--model.hidden_size", "32", "--model.vocab_size", "300", f"train.output_dir={out}"])
+               "--model.hidden_size", "32", "--model.vocab_size", "300", "--model.path", "null",
+               f"train.output_dir={out}"])
     assert rc == 0
     assert {"config.yaml", "metrics.jsonl", "eval.json", "data_stats.json", "train.log", "final"} <= \
         {p.name for p in out.iterdir()}

@@ -5,11 +5,13 @@ from .config import DataConfig
 from .encode import EncodedSequence, Encoder, truncate
 from .jsonl import DataError, iter_jsonl
 from .records import (
+    Demonstration,
     PreferencePair,
     PromptRecord,
     ScoredResponse,
     parse_hh_dialogue,
     parse_preference,
+    read_demonstrations,
     read_preference_pairs,
     read_prompts,
     read_scored,
@@ -19,8 +21,8 @@ from .stats import DataStats
 from .templates import render_plain, render_prompt, render_response, resolve_template
 
 __all__ = [
-    "DataConfig", "DataError", "DataStats", "EncodedSequence", "Encoder", "PreferencePair", "PromptRecord",
+    "DataConfig", "DataError", "DataStats", "Demonstration", "EncodedSequence", "Encoder", "PreferencePair", "PromptRecord",
     "ScoredResponse", "ValueBatch", "ValueExample", "collate_values", "iter_jsonl", "parse_hh_dialogue",
-    "parse_preference", "read_preference_pairs", "read_prompts", "read_scored", "render_plain", "render_prompt",
+    "parse_preference", "read_demonstrations", "read_preference_pairs", "read_prompts", "read_scored", "render_plain", "render_prompt",
     "render_response", "resolve_template", "split_hh", "truncate",
 ]

@@ -52,6 +52,13 @@ class ScoredResponse:
 
 
 @dataclass(frozen=True)
+class Demonstration:
+    prompt: Prompt
+    response: str
+    where: str
+
+
+@dataclass(frozen=True)
 class PromptRecord:
     prompt: Prompt
     where: str
@@ -215,4 +222,29 @@ def read_prompts(paths, stats: DataStats | None = None, limit: int = 0) -> list[
             stats.skip("empty prompt", where)
             continue
         out.append(PromptRecord(prompt, where))
+    return out
+
+
+def read_demonstrations(paths, stats: DataStats | None = None, limit: int = 0) -> list[Demonstration]:
+    """Supervised examples: ``{"prompt", "response"}`` records, or preference records (their chosen side)."""
+    stats = stats if stats is not None else DataStats("demonstrations")
+    out = []
+    for where, record in _records(paths, limit):
+        stats.read += 1
+        if "response" in record:
+            _require(record, where, "prompt")
+            prompt = _prompt(record["prompt"], where)
+            if isinstance(prompt, str) and isinstance(record["response"], list):
+                prompt = [{"role": "user", "content": prompt}]
+            response = _response(record["response"], where, "response")
+        elif "chosen" in record:
+            prompt, response, _ = parse_preference(record, where)
+        else:
+            raise DataError(where, f"missing field 'response' or 'chosen' (has {', '.join(map(repr, record))})")
+        if _is_empty(prompt):
+            stats.skip("empty prompt", where)
+        elif not response.strip():
+            stats.skip("empty response", where)
+        else:
+            out.append(Demonstration(prompt, response, where))
     return out

@@ -33,13 +33,15 @@ class ValueModel(nn.Module):
     def head(self) -> nn.Linear:
         return self.hf_model.score
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Final hidden states ``[B, L, H]`` (the states the value head reads)."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Final hidden states ``[B, L, H]`` (the states the value head reads). Left-padded rows need
+        ``position_ids`` (see :func:`dvpo.rollout.position_ids_from_mask`)."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Values ``[B, L]`` fp32: position ``t`` holds the value of the state before token ``t + 1``."""
-        hidden = self.hidden_states(input_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         return dk.value_head(hidden, self.head.weight, self.head.bias)
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 from .value import (
     TARGETS,
     last_state_index,
+    last_token_scores,
     last_values,
     mean_values,
     pair_wins,
@@ -10,5 +11,5 @@ from .value import (
     value_targets,
 )
 
-__all__ = ["TARGETS", "last_state_index", "last_values", "mean_values", "pair_wins", "pairwise_loss", "value_loss",
+__all__ = ["TARGETS", "last_state_index", "last_token_scores", "last_values", "mean_values", "pair_wins", "pairwise_loss", "value_loss",
            "value_targets"]

@@ -46,6 +46,13 @@ def last_values(values: Tensor, mask: Tensor) -> Tensor:
     return values.gather(-1, last_state_index(mask)[:, None]).squeeze(-1)
 
 
+def last_token_scores(values: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B]``: a reward model's score, the head's output at each row's last real token (its EOS);
+    ``values`` ``[B, L]`` over all positions. Works for right- and left-padded rows alike."""
+    index = attention_mask.shape[1] - 1 - attention_mask.long().flip(-1).argmax(-1)
+    return values.gather(-1, index[:, None]).squeeze(-1)
+
+
 def mean_values(values: Tensor, mask: Tensor) -> Tensor:
     """``[B]``: each row's mean value over its valid states."""
     return torch.where(mask, values, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)

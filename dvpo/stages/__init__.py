@@ -1,5 +1,5 @@
 """Training stages, one ``dvpo`` subcommand each; importing a stage module registers it."""
-from . import gvm  # noqa: F401  (registers ``dvpo gvm``)
+from . import dvpo, gvm, sft  # noqa: F401  (each registers its stage)
 from .registry import STAGES, Stage, register_stage
 
 __all__ = ["STAGES", "Stage", "register_stage"]

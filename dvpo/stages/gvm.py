@@ -32,7 +32,7 @@ from ..data import (
     render_prompt,
     render_response,
 )
-from ..models import ModelConfig, ValueModel, apply_lora, load_token_value_model, load_tokenizer, train_bpe_tokenizer
+from ..models import ModelConfig, ValueModel, apply_lora, load_token_value_model
 from ..objectives import last_values, mean_values, pair_wins, pairwise_loss, value_loss, value_targets
 from ..trainer import (
     EpochBatches,
@@ -50,6 +50,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
+from .common import hold_out, stage_tokenizer
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -120,21 +121,11 @@ class GVMData:
     eval: list[ValueExample]
 
 
-def _hold_out(pairs: list[PreferencePair], fraction: float, seed: int):
-    n_eval = round(len(pairs) * fraction)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
-
-
-def _tokenizer(cfg: GVMStageConfig, resume_from: Path | None, pairs, scored):
-    source = resume_from or cfg.model.tokenizer or cfg.model.path
-    if source is not None:
-        return load_tokenizer(str(source))
+def _texts(pairs, scored):
     # A trained tokenizer has no chat template, so its texts are the plain renderings.
-    texts = (render_prompt(x.prompt, None, "plain") + render_response(x.prompt, r, "plain")
-             for x in [*pairs, *scored]
-             for r in ((x.chosen, x.rejected) if isinstance(x, PreferencePair) else (x.response,)))
-    return train_bpe_tokenizer(texts, cfg.model.vocab_size)
+    return (render_prompt(x.prompt, None, "plain") + render_response(x.prompt, r, "plain")
+            for x in [*pairs, *scored]
+            for r in ((x.chosen, x.rejected) if isinstance(x, PreferencePair) else (x.response,)))
 
 
 def _encode_pairs(pairs: list[PreferencePair], encoder: Encoder) -> list[ValueExample]:
@@ -165,10 +156,10 @@ def prepare_data(cfg: GVMStageConfig, resume_from: Path | None = None) -> GVMDat
     if d.eval_pairs:
         eval_pairs = read_preference_pairs(d.eval_pairs, eval_stats)
     else:
-        pairs, eval_pairs = _hold_out(pairs, d.eval_fraction, cfg.train.seed)
+        pairs, eval_pairs = hold_out(pairs, d.eval_fraction, cfg.train.seed)
         pair_stats.read -= len(eval_pairs)
         pair_stats.notes["pairs held out for evaluation"] = eval_stats.read = len(eval_pairs)
-    tokenizer = _tokenizer(cfg, resume_from, pairs, scored)
+    tokenizer = stage_tokenizer(cfg.model, resume_from, lambda: _texts(pairs, scored))
     kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
     train = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))
     train += _encode_scored(scored, Encoder(tokenizer, stats=scored_stats, **kw))
@@ -316,5 +307,5 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
             return evaluate_pairs(model, data.eval, batch_size=per_rank, pad_token_id=tokenizer.pad_token_id,
                                   device=device, bf16=bf16)
 
-    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder: model.export(folder, tokenizer),
+    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder, _: model.export(folder, tokenizer),
                        write_extra=write_extra)

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from . import distributed
+from . import distributed, parallel
 from .rng import rng_state, set_rng_state
 
 PREFIX = "global_step_"
@@ -109,10 +109,18 @@ class Checkpointer:
     def save(self, step: int, *, model: nn.Module, optimizer, scheduler, state: dict,
              write_extra: Callable[[Path], None] | None = None) -> Path:
         final = self.output_dir / f"{PREFIX}{step}"
+        sharded = parallel.is_sharded(model)
+        if sharded:  # gathering is a collective: every rank takes part, rank 0 writes
+            model_state = parallel.full_model_state(model)
+            optim_state = parallel.full_optimizer_state(model, optimizer)
         if distributed.is_main():
             with atomic_directory(final) as tmp:
-                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                if sharded:
+                    save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                    torch.save(optim_state, tmp / "optimizer.pt")
+                else:
+                    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng_state(), tmp / "rng.pt")
                 if write_extra is not None:
@@ -132,12 +140,17 @@ class Checkpointer:
     def load(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler) -> dict:
         """Restore everything saved at ``path``; returns the trainer state (``step``, ...)."""
         path = Path(path)
-        device = next(model.parameters()).device
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]})")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        if parallel.is_sharded(model):
+            parallel.load_full_state(model, optimizer, load_file(str(path / "model.safetensors")),
+                                     torch.load(path / "optimizer.pt", weights_only=True))
+        else:
+            device = next(model.parameters()).device
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
+                                             device=str(device))
+            if missing or unexpected:
+                raise ValueError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]})")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         # rng.pt holds numpy/python generator states, not only tensors; it is a file this class wrote.
         set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -30,6 +30,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast or fp32; auto = bf16 on CUDA, "
                                                                  "fp32 on CPU")
     device: str = option("auto", "auto (cuda when available), cpu, cuda, cuda:N")
+    parallel: Literal["auto", "fsdp", "replicate"] = option(
+        "auto", "under torchrun: shard the trained model with FSDP2 (fsdp) or keep full replicas and average "
+                "gradients (replicate); auto = fsdp for stages that support it")
     log_every: int = option(1, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = option(0, "steps between evaluations (0 = only at the end)")
     save_every: int = option(0, "steps between checkpoints global_step_N/, plus one at the last step "

@@ -48,9 +48,12 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def average_gradients(params) -> None:
-    """Average the gradients of replicated parameters over ranks (what DDP does, without overlap)."""
+    """Average the gradients of replicated parameters over ranks (what DDP does, without overlap);
+    FSDP2-sharded parameters (DTensors) are skipped, their gradients arrive reduce-scattered."""
     if not is_distributed():
         return
+    from torch.distributed.tensor import DTensor
+
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p, DTensor):
             all_reduce_(p.grad, "mean")

@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from ..config import dump_yaml
-from . import distributed
+from . import distributed, parallel
 from .batches import EpochBatches
 from .checkpoint import Checkpointer, atomic_directory, resolve_resume
 from .config import TrainConfig
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 StepFn = Callable[[list[int], int], dict]
 EvalFn = Callable[[], dict]
 WriteFn = Callable[[Path], None]
+ExportFn = Callable[[Path, dict | None], None]
 
 _run_log: logging.Handler | None = None
 
@@ -74,12 +75,14 @@ def write_json(path: Path, data: dict) -> None:
 
 class Trainer:
     """Runs ``total_steps`` steps of a stage's ``step_fn`` over ``batches``; owns resuming, logging,
-    evaluation, checkpoints (of ``model``, ``optimizer``, ``scheduler``, RNG and batch position) and export."""
+    evaluation, checkpoints (of ``model``, ``optimizer``, ``scheduler``, RNG, batch position and the
+    ``state_dict()`` of each object in ``extra_state``, e.g. a KL controller) and export."""
 
     def __init__(self, cfg: TrainConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 batches: EpochBatches, total_steps: int):
+                 batches: EpochBatches, total_steps: int, extra_state: dict | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.total_steps = batches, total_steps
+        self.extra_state = extra_state or {}
         self.run_dir = Path(cfg.output_dir)
         self.checkpointer = Checkpointer(self.run_dir, cfg.save_total_limit)
         self.step = 0
@@ -92,12 +95,16 @@ class Trainer:
         state = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step = int(state["step"])
         self.batches.load_state_dict(state["batches"])
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(state[name])
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
         return path
 
     def save_checkpoint(self, write_extra: WriteFn | None = None) -> Path:
         return self.checkpointer.save(self.step, model=self.model, optimizer=self.optimizer,
-                                      scheduler=self.scheduler, state={"batches": self.batches.state_dict()},
+                                      scheduler=self.scheduler,
+                                      state={"batches": self.batches.state_dict(),
+                                             **{k: v.state_dict() for k, v in self.extra_state.items()}},
                                       write_extra=write_extra)
 
     def evaluate(self, eval_fn: EvalFn, metrics_logger: MetricsLogger) -> dict[str, float]:
@@ -107,12 +114,13 @@ class Trainer:
         log.info("eval at step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
-    def fit(self, step_fn: StepFn, *, eval_fn: EvalFn | None = None, export_fn: WriteFn | None = None,
+    def fit(self, step_fn: StepFn, *, eval_fn: EvalFn | None = None, export_fn: ExportFn | None = None,
             write_extra: WriteFn | None = None) -> dict[str, float]:
         """Run steps until ``total_steps``; returns the final evaluation (empty without ``eval_fn``).
 
         ``write_extra(folder)`` adds files to each checkpoint (model config, tokenizer);
-        ``export_fn(folder)`` writes the final model into ``output_dir/final`` (atomically)."""
+        ``export_fn(folder, state_dict)`` writes the final model into ``output_dir/final`` (atomically);
+        ``state_dict`` is the gathered full state of an FSDP2-sharded model, else None."""
         cfg = self.cfg
         metrics_logger = MetricsLogger(self.run_dir)
         results: dict[str, float] = {}
@@ -140,9 +148,10 @@ class Trainer:
                     results = self.evaluate(eval_fn, metrics_logger)
                 if export_fn is not None:
                     final = self.run_dir / "final"
+                    full = parallel.full_model_state(self.model) if parallel.is_sharded(self.model) else None
                     if distributed.is_main():
                         with atomic_directory(final) as tmp:
-                            export_fn(tmp)
+                            export_fn(tmp, full)
                         log.info("final model written to %s", final)
                     distributed.barrier()
         finally:

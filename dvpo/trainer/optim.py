@@ -58,6 +58,8 @@ def apply_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, s
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
             if grads else torch.zeros(())
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+        norm = norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,15 @@
+"""On-policy RL building blocks shared by ``dvpo dvpo`` and ``dvpo ppo``: config sections, rollout
+experience, the policy update, the KL controller, the step skeleton, and the unfused reference path."""
+from . import unfused
+from .actor import ActorUpdater, LossTerms, NonFiniteError, mini_batch_rows, policy_loss_on, updates_per_step
+from .config import ActorConfig, KLConfig, PromptDataConfig, RolloutConfig
+from .experience import Experience, encode_prompts, micro_batches, policy_logprobs, state_slice, value_states
+from .kl import KLController
+from .step import RolloutStep, Timer, check_same_vocabulary, frozen, frozen_policy, frozen_value_model
+
+__all__ = [
+    "ActorConfig", "ActorUpdater", "Experience", "KLConfig", "KLController", "LossTerms", "NonFiniteError",
+    "PromptDataConfig", "RolloutConfig", "RolloutStep", "Timer", "check_same_vocabulary", "encode_prompts", "frozen",
+    "frozen_policy", "frozen_value_model", "micro_batches", "mini_batch_rows", "policy_logprobs", "policy_loss_on",
+    "state_slice", "unfused", "updates_per_step", "value_states",
+]

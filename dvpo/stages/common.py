@@ -1,0 +1,39 @@
+"""Pieces several stages share: held-out splits, the run's tokenizer, models prepared for training."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from ..models import ModelConfig, PolicyModel, apply_lora, load_causal_lm, load_tokenizer, train_bpe_tokenizer
+from ..trainer import parallel
+
+
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split into (train, held out) with ``round(len * fraction)`` held out."""
+    n_eval = round(len(items) * fraction)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+
+
+def stage_tokenizer(cfg: ModelConfig, resume_from: Path | None, texts: Callable[[], Iterable[str]]):
+    """The checkpoint's tokenizer on resume, else ``model.tokenizer`` / ``model.path``, else a byte-level
+    BPE trained on ``texts()``."""
+    source = resume_from or cfg.tokenizer or cfg.path
+    if source is not None:
+        return load_tokenizer(str(source))
+    return train_bpe_tokenizer(texts(), cfg.vocab_size)
+
+
+def trainable_policy(cfg: ModelConfig, tokenizer, device: torch.device, parallel_mode: str) -> PolicyModel:
+    """The policy a stage trains: a causal LM, LoRA when asked, FSDP2-sharded under torchrun."""
+    module = load_causal_lm(cfg, tokenizer, device)
+    if cfg.lora_r > 0:
+        module = apply_lora(module, cfg, trainable_heads=())
+    policy = PolicyModel(module)
+    if parallel.use_fsdp(parallel_mode):
+        if cfg.lora_r > 0:
+            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
+        parallel.shard(policy, policy.hf_model)
+    return policy

@@ -1,0 +1,49 @@
+"""Run by ``torchrun --nproc_per_node 2`` from test_distributed.py: a short dvpo run, then a check that
+every rank holds the same full weights. Args: output dir, train.parallel, sft folder, gvm folder, HH file."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from dvpo.config import load_config
+from dvpo.stages import dvpo as dvpo_stage
+from dvpo.trainer import parallel
+
+
+def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
+    captured = {}
+    build = dvpo_stage.trainable_policy
+
+    def capture(*args, **kwargs):
+        captured["policy"] = build(*args, **kwargs)
+        return captured["policy"]
+
+    dvpo_stage.trainable_policy = capture
+    overrides = {"train.output_dir": out, "train.parallel": mode, "train.progress_bar": "false",
+                 "train.device": "cpu", "model.path": sft, "gvm.path": gvm, "data.prompts": hh, "data.limit": "40",
+                 "data.max_prompt_length": "24", "data.eval_size": "4", "rollout.max_new_tokens": "6",
+                 "train.batch_size": "4", "actor.mini_batch_size": "2", "train.max_steps": "2",
+                 "train.save_every": "2", "train.lr": "1e-3"}
+    cfg = load_config(dvpo_stage.DVPOStageConfig, None, list(overrides.items()))
+    dvpo_stage.run(cfg)
+    policy = captured["policy"]
+    # every rank gathers the full weights (full_model_state keeps them on rank 0 only)
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    flat = torch.cat([v.detach().float().reshape(-1).cpu() for _, v in sorted(state.items())])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    if dist.get_rank() == 0:
+        spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        (Path(out) / "ranks.json").write_text(json.dumps({"max_rank_difference": spread,
+                                                          "sharded": parallel.is_sharded(policy),
+                                                          "world_size": dist.get_world_size()}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,43 @@
+"""Two gloo processes on CPU: dvpo under torchrun with FSDP2 and with replicas; every rank ends with the
+same weights, and the sharded run trains the same model as the replicated one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _stages import HH
+from safetensors.torch import load_file
+from test_dvpo import gvm_model  # noqa: F401  (fixture)
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def torchrun(out: Path, mode: str, sft: Path, gvm: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), mode, str(sft), str(gvm), str(HH)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "ranks.json").read_text())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):  # noqa: F811
+    fsdp = torchrun(tmp_path / "fsdp", "fsdp", sft_model, gvm_model)
+    replicas = torchrun(tmp_path / "replicate", "replicate", sft_model, gvm_model)
+    assert fsdp == {"max_rank_difference": 0.0, "sharded": True, "world_size": 2}
+    assert replicas == {"max_rank_difference": 0.0, "sharded": False, "world_size": 2}
+    a = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "replicate" / "final" / "model.safetensors"))
+    start = load_file(str(sft_model / "model.safetensors"))
+    assert a.keys() == b.keys() == start.keys()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    saved = json.loads((tmp_path / "fsdp" / "global_step_2" / "trainer_state.json").read_text())
+    assert saved["step"] == 2
