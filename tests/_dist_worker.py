@@ -12,18 +12,19 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from dvpo.config import load_config
 from dvpo.stages import dvpo as dvpo_stage
+from dvpo.stages import rl_setup
 from dvpo.trainer import parallel
 
 
 def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     captured = {}
-    build = dvpo_stage.trainable_policy
+    build = rl_setup.trainable_policy
 
     def capture(*args, **kwargs):
         captured["policy"] = build(*args, **kwargs)
         return captured["policy"]
 
-    dvpo_stage.trainable_policy = capture
+    rl_setup.trainable_policy = capture
     overrides = {"train.output_dir": out, "train.parallel": mode, "train.progress_bar": "false",
                  "train.device": "cpu", "model.path": sft, "gvm.path": gvm, "data.prompts": hh, "data.limit": "40",
                  "data.max_prompt_length": "24", "data.eval_size": "4", "rollout.max_new_tokens": "6",

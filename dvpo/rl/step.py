@@ -113,6 +113,10 @@ class RolloutStep:
     def after_actor(self, exp: Experience, step: int, metrics: dict, timer: Timer) -> None:
         """Updates that follow the policy's (PPO's critic)."""
 
+    def trains_actor(self, step: int) -> bool:
+        """False for steps that only train something else (PPO's critic warm-up)."""
+        return True
+
     # --- the step --------------------------------------------------------------------------
     def __call__(self, indices: list[int], step: int) -> dict:
         timer = Timer(self.device)
@@ -131,8 +135,9 @@ class RolloutStep:
             kl_coef = self.kl_ctl.value
             terms = LossTerms(temperature=self.rollout_cfg.temperature, kl_type=self.kl_cfg.type,
                               kl_coef=kl_coef if self.kl_cfg.placement == "loss" else 0.0)
-            with timer("update_actor"):
-                metrics.update(self.actor(exp, step, terms))
+            if self.trains_actor(step):
+                with timer("update_actor"):
+                    metrics.update(self.actor(exp, step, terms))
             self.after_actor(exp, step, metrics, timer)
             seq_kl = torch.where(exp.mask, exp.old_logprobs - exp.ref_logprobs, 0.0).sum(-1)
             mean_kl = distributed.all_reduce_(seq_kl.mean().detach().clone(), "mean")

@@ -21,12 +21,9 @@ import torch
 import dvpo_kernels as dk
 
 from ..config import ConfigError, option, section
-from ..data import DataStats, Encoder, read_prompts
 from ..models import ModelConfig, load_tokenizer
-from ..objectives import last_token_scores
 from ..rl import (
     ActorConfig,
-    ActorUpdater,
     Experience,
     KLConfig,
     PromptDataConfig,
@@ -34,36 +31,15 @@ from ..rl import (
     RolloutStep,
     Timer,
     check_same_vocabulary,
-    encode_prompts,
-    frozen_policy,
     frozen_value_model,
     unfused,
-    updates_per_step,
     value_states,
 )
-from ..trainer import (
-    EpochBatches,
-    TrainConfig,
-    Trainer,
-    build_optimizer,
-    build_scheduler,
-    distributed,
-    resolve_resume,
-    start_run,
-    trainable_parameters,
-    use_bf16,
-    write_json,
-)
-from .common import hold_out, trainable_policy
+from ..trainer import TrainConfig, Trainer
 from .registry import register_stage
+from .rl_setup import ReferenceConfig, check_rl_config, setup_rl
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReferenceConfig:
-    path: str | None = option(None, "frozen reference policy folder (null = model.path; with LoRA the base model "
-                                    "with the adapter disabled, no second copy)", path=True)
 
 
 @dataclass
@@ -97,12 +73,7 @@ class DVPOStageConfig:
                                  "optimisation (train.batch_size = prompts per step), logging, checkpoints")
 
     def validate(self) -> None:
-        if self.model.path is None and self.model.tokenizer is None:
-            raise ConfigError("model.path (the SFT policy) or model.tokenizer must be set: the policy, reference and "
-                              "GVM must share one tokenizer")
-        if self.actor.mini_batch_size > self.train.batch_size:
-            raise ConfigError(f"actor.mini_batch_size ({self.actor.mini_batch_size}) exceeds train.batch_size "
-                              f"({self.train.batch_size})")
+        check_rl_config(self.model, self.actor, self.train)
 
 
 class DVPOStep(RolloutStep):
@@ -139,67 +110,21 @@ class DVPOStep(RolloutStep):
         return {"eval/gvm_final_value": self.terminal_scores(final)}
 
 
-def prompt_sets(data: PromptDataConfig, encoder: Encoder, seed: int, out_dir: Path):
-    """Encoded training and held-out prompts; what was skipped is reported and saved."""
-    train_stats, eval_stats = DataStats("train prompts"), DataStats("eval prompts")
-    records = read_prompts(data.prompts, train_stats, limit=data.limit)
-    if data.eval_prompts:
-        held = read_prompts(data.eval_prompts, eval_stats)
-    else:
-        records, held = hold_out(records, data.eval_fraction, seed)
-        train_stats.read -= len(held)
-        eval_stats.read = len(held)
-    for stats in (train_stats, eval_stats):
-        stats.report()
-    write_json(out_dir / "data_stats.json", {s.name: s.as_dict() for s in (train_stats, eval_stats)})
-    train = encode_prompts(records, encoder, data.max_prompt_length)
-    evals = encode_prompts(held, encoder, data.max_prompt_length)
-    if data.eval_size:
-        evals = evals[:data.eval_size]
-    if not train:
-        raise ValueError("no training prompts left after reading the data")
-    return train, evals
-
-
 @register_stage("dvpo", DVPOStageConfig, "policy training with a frozen GVM critic (DVPO)",
                 __doc__.split("\n\n", 1)[1])
 def run(cfg: DVPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     """Train and export the policy; ``reward_fn(prompt_ids, response_ids) -> rewards`` (e.g. an oracle)
     is added to the evaluation when given."""
-    t = cfg.train
-    device = start_run(t, cfg)
-    bf16 = use_bf16(t.precision, device)
-    resume_from = resolve_resume(t.resume, t.output_dir)
-    tokenizer = load_tokenizer(str(resume_from or cfg.model.tokenizer or cfg.model.path))
-    check_same_vocabulary(tokenizer, load_tokenizer(cfg.gvm.path), f"the GVM at {cfg.gvm.path}")
-    encoder = Encoder(tokenizer, template=cfg.data.template, max_length=cfg.data.max_length,
-                      max_prompt_length=cfg.data.max_prompt_length)
-    prompts, eval_prompts = prompt_sets(cfg.data, encoder, t.seed, Path(t.output_dir))
-
-    policy = trainable_policy(cfg.model, tokenizer, device, t.parallel)
-    reference = None
-    if cfg.model.lora_r == 0 or cfg.ref.path is not None:
-        reference = frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16)
-    gvm = frozen_value_model(cfg.gvm.path, tokenizer, device, bf16)
-
-    batches = EpochBatches(len(prompts), t.batch_size, seed=t.seed)
-    total_steps = t.max_steps or batches.steps_for(t.epochs)
-    per_rank = t.batch_size // distributed.world_size()
-    micro = cfg.rollout.micro_batch_size or t.micro_batch_size or per_rank
-    optimizer = build_optimizer(policy, t)
-    scheduler = build_scheduler(optimizer, t, total_steps * updates_per_step(cfg.actor, t.batch_size))
-    actor = ActorUpdater(policy, optimizer, scheduler, trainable_parameters(policy), cfg.actor,
-                         global_batch=t.batch_size, micro=t.micro_batch_size or per_rank,
-                         max_grad_norm=t.max_grad_norm, seed=t.seed, device=device, bf16=bf16)
-    step = DVPOStep(gvm=gvm, gvm_cfg=cfg.gvm, policy=policy, reference=reference, prompts=prompts,
-                    tokenizer=tokenizer, rollout=cfg.rollout, kl=cfg.kl, actor=actor, micro=micro, seed=t.seed,
-                    device=device, bf16=bf16)
-    log.info("dvpo: %d prompts (%d held out), %d steps of %d prompts, device %s%s", len(prompts), len(eval_prompts),
-             total_steps, t.batch_size, device, ", bf16" if bf16 else "")
-
-    trainer = Trainer(t, model=policy, optimizer=optimizer, scheduler=scheduler, batches=batches,
-                      total_steps=total_steps, extra_state={"kl_controller": step.kl_ctl, "actor": actor})
+    s = setup_rl(cfg, cfg.train.parallel)
+    check_same_vocabulary(s.tokenizer, load_tokenizer(cfg.gvm.path), f"the GVM at {cfg.gvm.path}")
+    gvm = frozen_value_model(cfg.gvm.path, s.tokenizer, s.device, s.bf16)
+    step = DVPOStep(gvm=gvm, gvm_cfg=cfg.gvm, policy=s.policy, reference=s.reference, prompts=s.prompts,
+                    tokenizer=s.tokenizer, rollout=cfg.rollout, kl=cfg.kl, actor=s.actor, micro=s.micro,
+                    seed=cfg.train.seed, device=s.device, bf16=s.bf16)
+    trainer = Trainer(cfg.train, model=s.policy, optimizer=s.optimizer, scheduler=s.scheduler, batches=s.batches,
+                      total_steps=s.total_steps, extra_state={"kl_controller": step.kl_ctl, "actor": s.actor})
     trainer.restore()
-    eval_fn = (lambda: step.evaluate(eval_prompts, per_rank, reward_fn)) if eval_prompts else None
-    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder, state: policy.export(folder, tokenizer, state),
-                       write_extra=lambda folder: tokenizer.save_pretrained(folder))
+    eval_fn = (lambda: step.evaluate(s.eval_prompts, s.per_rank, reward_fn)) if s.eval_prompts else None
+    return trainer.fit(step, eval_fn=eval_fn,
+                       export_fn=lambda folder, state: s.policy.export(folder, s.tokenizer, state),
+                       write_extra=lambda folder: s.tokenizer.save_pretrained(folder))

@@ -64,3 +64,24 @@ def apply_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, s
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()
+
+
+class Bundle:
+    """Several optimizers (or schedulers) saved, restored and reported as one: a stage that trains two
+    models (PPO's policy and critic) hands the Trainer one of each. ``get_last_lr`` reports the first."""
+
+    def __init__(self, **members):
+        self.members = members
+
+    def __getitem__(self, name: str):
+        return self.members[name]
+
+    def state_dict(self) -> dict:
+        return {name: m.state_dict() for name, m in self.members.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.members.items():
+            m.load_state_dict(state[name])
+
+    def get_last_lr(self) -> list[float]:
+        return next(iter(self.members.values())).get_last_lr()

@@ -1,0 +1,117 @@
+"""What ``dvpo dvpo`` and ``dvpo ppo`` set up alike: run folder, tokenizer, prompts, the trainable policy
+and its frozen reference, batching, the policy's optimizer and schedule, and the policy updater."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import option
+from ..data import DataStats, Encoder, read_prompts
+from ..models import ModelConfig, PolicyModel, load_tokenizer
+from ..rl import ActorConfig, ActorUpdater, PromptDataConfig, encode_prompts, frozen_policy, updates_per_step
+from ..trainer import (
+    EpochBatches,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    distributed,
+    resolve_resume,
+    start_run,
+    trainable_parameters,
+    use_bf16,
+    write_json,
+)
+from .common import hold_out, trainable_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceConfig:
+    path: str | None = option(None, "frozen reference policy folder (null = model.path; with LoRA the base model "
+                                    "with the adapter disabled, no second copy)", path=True)
+
+
+def prompt_sets(data: PromptDataConfig, encoder: Encoder, seed: int, out_dir: Path):
+    """Encoded training and held-out prompts; what was skipped is reported and saved."""
+    train_stats, eval_stats = DataStats("train prompts"), DataStats("eval prompts")
+    records = read_prompts(data.prompts, train_stats, limit=data.limit)
+    if data.eval_prompts:
+        held = read_prompts(data.eval_prompts, eval_stats)
+    else:
+        records, held = hold_out(records, data.eval_fraction, seed)
+        train_stats.read -= len(held)
+        eval_stats.read = len(held)
+    for stats in (train_stats, eval_stats):
+        stats.report()
+    write_json(out_dir / "data_stats.json", {s.name: s.as_dict() for s in (train_stats, eval_stats)})
+    train = encode_prompts(records, encoder, data.max_prompt_length)
+    evals = encode_prompts(held, encoder, data.max_prompt_length)
+    if data.eval_size:
+        evals = evals[:data.eval_size]
+    if not train:
+        raise ValueError("no training prompts left after reading the data")
+    return train, evals
+
+
+@dataclass
+class RLSetup:
+    device: torch.device
+    bf16: bool
+    tokenizer: object
+    prompts: list[list[int]]
+    eval_prompts: list[list[int]]
+    policy: PolicyModel
+    reference: PolicyModel | None  # None: the policy with its LoRA adapter disabled
+    batches: EpochBatches
+    total_steps: int
+    per_rank: int  # prompts per rank per step
+    micro: int  # rows per scoring forward
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    actor: ActorUpdater
+
+
+def setup_rl(cfg, parallel_mode: str) -> RLSetup:
+    """``cfg`` has ``model``, ``ref``, ``data``, ``rollout``, ``actor`` and ``train`` sections."""
+    t = cfg.train
+    device = start_run(t, cfg)
+    bf16 = use_bf16(t.precision, device)
+    resume_from = resolve_resume(t.resume, t.output_dir)
+    tokenizer = load_tokenizer(str(resume_from or cfg.model.tokenizer or cfg.model.path))
+    encoder = Encoder(tokenizer, template=cfg.data.template, max_length=cfg.data.max_length,
+                      max_prompt_length=cfg.data.max_prompt_length)
+    prompts, eval_prompts = prompt_sets(cfg.data, encoder, t.seed, Path(t.output_dir))
+
+    policy = trainable_policy(cfg.model, tokenizer, device, parallel_mode)
+    reference = None
+    if cfg.model.lora_r == 0 or cfg.ref.path is not None:
+        reference = frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16)
+
+    batches = EpochBatches(len(prompts), t.batch_size, seed=t.seed)
+    total_steps = t.max_steps or batches.steps_for(t.epochs)
+    per_rank = t.batch_size // distributed.world_size()
+    optimizer = build_optimizer(policy, t)
+    scheduler = build_scheduler(optimizer, t, total_steps * updates_per_step(cfg.actor, t.batch_size))
+    actor = ActorUpdater(policy, optimizer, scheduler, trainable_parameters(policy), cfg.actor,
+                         global_batch=t.batch_size, micro=t.micro_batch_size or per_rank,
+                         max_grad_norm=t.max_grad_norm, seed=t.seed, device=device, bf16=bf16)
+    micro = cfg.rollout.micro_batch_size or t.micro_batch_size or per_rank
+    log.info("%d prompts (%d held out), %d steps of %d prompts, device %s%s", len(prompts), len(eval_prompts),
+             total_steps, t.batch_size, device, ", bf16" if bf16 else "")
+    return RLSetup(device, bf16, tokenizer, prompts, eval_prompts, policy, reference, batches, total_steps, per_rank,
+                   micro, optimizer, scheduler, actor)
+
+
+def check_rl_config(model: ModelConfig, actor: ActorConfig, train: TrainConfig) -> None:
+    from ..config import ConfigError
+
+    if model.path is None and model.tokenizer is None:
+        raise ConfigError("model.path (the SFT policy) or model.tokenizer must be set: the policy, reference and "
+                          "value models must share one tokenizer")
+    if actor.mini_batch_size > train.batch_size:
+        raise ConfigError(f"actor.mini_batch_size ({actor.mini_batch_size}) exceeds train.batch_size "
+                          f"({train.batch_size})")
