@@ -30,11 +30,11 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _report import git_state
 
 import dvpo_kernels as dk
 from dvpo_kernels import _backends
@@ -46,17 +46,6 @@ GAMMA, LAM, KL = 1.0, 0.95, 0.05
 SCAN_BYTES_PER_TOKEN = 4 + 4 + 1 + 4 + 4  # values, rewards, mask in; advantages, returns out
 GRAPH_VARIANTS = ("native", "triton")
 GATE = {"scan": 1e-4, "full": 1e-3, "loop_full": 5e-2}  # loop_full: its value head rounds to bf16
-
-
-def git_state() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                    text=True).stdout.strip())
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
 
 
 # --- the loop trainers write -----------------------------------------------------------------

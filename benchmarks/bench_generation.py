@@ -20,11 +20,11 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _report import git_state
 import transformers
 
 from dvpo.rollout import RolloutEngine, generate
@@ -62,19 +62,6 @@ TINY = dict(
     prompt_len=16,
     new_tokens=16,
 )
-
-
-def git_state() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        )
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: torch.device):

@@ -29,11 +29,11 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _report import git_state
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 1024
@@ -45,17 +45,6 @@ CPU_SWEEP_N = (32, 64, 128)
 FUSED = ("dvpo-torch", "dvpo-triton-speed", "dvpo-triton-lean")
 PROVIDERS = ("floor", "eager", "compile", "liger") + FUSED
 FORWARD_PROVIDERS = ("gemm", "eager", "dvpo-torch", "dvpo-triton")
-
-
-def git_state() -> tuple[str, bool]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                    text=True).stdout.strip())
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
 
 
 def rel_err(a, b) -> float:

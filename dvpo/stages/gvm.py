@@ -61,21 +61,32 @@ CHOSEN_REWARD, REJECTED_REWARD = 1.0, -1.0
 # --- configuration ---------------------------------------------------------------------------
 
 @dataclass
-class GVMDataConfig(DataConfig):
+class PairDataConfig(DataConfig):
     pairs: list[str] = option(default_factory=list, path=True,
                               help="preference JSONL files (prompt/chosen/rejected, or Anthropic HH), .gz or not")
-    scored: list[str] = option(default_factory=list, path=True,
-                               help="scalar-scored JSONL files (prompt/response/reward), a second training source")
     eval_pairs: list[str] = option(default_factory=list, path=True,
                                    help="held-out preference files (empty = hold out eval_fraction of data.pairs)")
     eval_fraction: float = option(0.05, "fraction of data.pairs held out when data.eval_pairs is empty")
 
     def validate(self) -> None:
         super().validate()
-        if not self.pairs and not self.scored:
-            raise ConfigError("data.pairs or data.scored must name at least one file")
+        self.check_sources()
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+    def check_sources(self) -> None:
+        if not self.pairs:
+            raise ConfigError("data.pairs must name at least one file")
+
+
+@dataclass
+class GVMDataConfig(PairDataConfig):
+    scored: list[str] = option(default_factory=list, path=True,
+                               help="scalar-scored JSONL files (prompt/response/reward), a second training source")
+
+    def check_sources(self) -> None:
+        if not self.pairs and not self.scored:
+            raise ConfigError("data.pairs or data.scored must name at least one file")
 
 
 @dataclass
@@ -115,7 +126,7 @@ class GVMStageConfig:
 # --- data ------------------------------------------------------------------------------------
 
 @dataclass
-class GVMData:
+class PairData:
     tokenizer: object
     train: list[ValueExample]
     eval: list[ValueExample]
@@ -146,31 +157,53 @@ def _encode_scored(records: list[ScoredResponse], encoder: Encoder) -> list[Valu
     return out
 
 
-def prepare_data(cfg: GVMStageConfig, resume_from: Path | None = None) -> GVMData:
+def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
+                 resume_from: Path | None = None) -> PairData:
     """Read, split, (train the tokenizer,) encode; every skip is counted, logged and saved to
-    ``data_stats.json`` in the run folder."""
-    d = cfg.data
+    ``data_stats.json`` in the run folder. Shared by the stages that train on preference pairs."""
     pair_stats, scored_stats, eval_stats = DataStats("train pairs"), DataStats("scored"), DataStats("eval pairs")
+    scored_files = d.scored if isinstance(d, GVMDataConfig) else []
     pairs = read_preference_pairs(d.pairs, pair_stats, limit=d.limit) if d.pairs else []
-    scored = read_scored(d.scored, scored_stats, limit=d.limit) if d.scored else []
+    scored = read_scored(scored_files, scored_stats, limit=d.limit) if scored_files else []
     if d.eval_pairs:
         eval_pairs = read_preference_pairs(d.eval_pairs, eval_stats)
     else:
-        pairs, eval_pairs = hold_out(pairs, d.eval_fraction, cfg.train.seed)
+        pairs, eval_pairs = hold_out(pairs, d.eval_fraction, train.seed)
         pair_stats.read -= len(eval_pairs)
         pair_stats.notes["pairs held out for evaluation"] = eval_stats.read = len(eval_pairs)
-    tokenizer = stage_tokenizer(cfg.model, resume_from, lambda: _texts(pairs, scored))
+    tokenizer = stage_tokenizer(model, resume_from, lambda: _texts(pairs, scored))
     kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
-    train = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))
-    train += _encode_scored(scored, Encoder(tokenizer, stats=scored_stats, **kw))
+    examples = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))
+    examples += _encode_scored(scored, Encoder(tokenizer, stats=scored_stats, **kw))
     held_out = _encode_pairs(eval_pairs, Encoder(tokenizer, stats=eval_stats, **kw))
     used = [s for s in (pair_stats, scored_stats) if s.read] + [eval_stats]
     for stats in used:
         stats.report()
-    write_json(Path(cfg.train.output_dir) / "data_stats.json", {s.name: s.as_dict() for s in used})
-    if not train:
+    write_json(Path(train.output_dir) / "data_stats.json", {s.name: s.as_dict() for s in used})
+    if not examples:
         raise ValueError("no training examples left after reading and encoding the data")
-    return GVMData(tokenizer, train, held_out)
+    return PairData(tokenizer, examples, held_out)
+
+
+def trainable_value_model(cfg: ModelConfig, tokenizer, device: torch.device) -> ValueModel:
+    """A value model to train: backbone + scalar head, LoRA on the backbone when asked (the head stays
+    fully trainable)."""
+    module = load_token_value_model(cfg, tokenizer, device)
+    if cfg.lora_r > 0:
+        module = apply_lora(module, cfg)
+    return ValueModel(module)
+
+
+def value_checkpoint_files(model: ValueModel, tokenizer, lora: bool):
+    """``write_extra`` of a value model's checkpoints: the tokenizer, and without LoRA the model config, so
+    that model.safetensors + config.json load with ``from_pretrained``."""
+
+    def write(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        if not lora:
+            model.hf_model.config.save_pretrained(folder)
+
+    return write
 
 
 # --- training --------------------------------------------------------------------------------
@@ -272,13 +305,9 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
     device = start_run(cfg.train, cfg)
     bf16 = use_bf16(cfg.train.precision, device)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
-    data = prepare_data(cfg, resume_from)
+    data = prepare_data(cfg.data, cfg.model, cfg.train, resume_from)
     tokenizer = data.tokenizer
-
-    module = load_token_value_model(cfg.model, tokenizer, device)
-    if cfg.model.lora_r > 0:
-        module = apply_lora(module, cfg.model)
-    model = ValueModel(module)
+    model = trainable_value_model(cfg.model, tokenizer, device)
 
     t = cfg.train
     batches = EpochBatches(len(data.train), t.batch_size, seed=t.seed)
@@ -296,11 +325,6 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
     trainer.restore()
     step = GVMStep(cfg, model, optimizer, scheduler, data.train, tokenizer.pad_token_id, device, bf16)
 
-    def write_extra(folder: Path) -> None:
-        tokenizer.save_pretrained(folder)
-        if cfg.model.lora_r == 0:  # then model.safetensors + config.json load with from_pretrained
-            model.hf_model.config.save_pretrained(folder)
-
     eval_fn = None
     if data.eval:
         def eval_fn():
@@ -308,4 +332,4 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
                                   device=device, bf16=bf16)
 
     return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder, _: model.export(folder, tokenizer),
-                       write_extra=write_extra)
+                       write_extra=value_checkpoint_files(model, tokenizer, cfg.model.lora_r > 0))
