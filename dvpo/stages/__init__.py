@@ -1,5 +1,6 @@
 """Training stages, one ``dvpo`` subcommand each; importing a stage module registers it."""
-from . import demo, dpo, dvpo, gvm, ppo, rm, sft, vpo  # noqa: F401  (each registers its stage)
+# in the order of a pipeline, the order `dvpo --help` lists them
+from . import sft, gvm, dvpo, rm, ppo, dpo, vpo, eval, demo  # noqa: F401, I001  (each registers its stage)
 from .registry import STAGES, Stage, register_stage
 
 __all__ = ["STAGES", "Stage", "register_stage"]
