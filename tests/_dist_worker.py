@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+import dvpo_kernels as dk
 from dvpo.config import load_config
+from dvpo.rl import batch_whiten
 from dvpo.stages import dvpo as dvpo_stage
 from dvpo.stages import rl_setup
 from dvpo.trainer import parallel
@@ -27,7 +29,7 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     rl_setup.trainable_policy = capture
     overrides = {"train.output_dir": out, "train.parallel": mode, "train.progress_bar": "false",
                  "train.device": "cpu", "model.path": sft, "gvm.path": gvm, "data.prompts": hh, "data.limit": "40",
-                 "data.max_prompt_length": "24", "data.eval_size": "4", "rollout.max_new_tokens": "6",
+                 "data.max_prompt_length": "24", "data.eval_size": "3", "data.eval_fraction": "0.075", "rollout.max_new_tokens": "6",
                  "train.batch_size": "4", "actor.mini_batch_size": "2", "train.max_steps": "2",
                  "train.save_every": "2", "train.lr": "1e-3"}
     cfg = load_config(dvpo_stage.DVPOStageConfig, None, list(overrides.items()))
@@ -38,11 +40,19 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     flat = torch.cat([v.detach().float().reshape(-1).cpu() for _, v in sorted(state.items())])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
+    # whitening over the global batch equals whitening the concatenation of every rank's rows
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, mask = torch.randn(3 + dist.get_rank(), 5, generator=g), torch.rand(3 + dist.get_rank(), 5, generator=g) > 0.3
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (x, mask, batch_whiten(x, mask)))
+    whole = dk.masked_whiten(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
+    whiten_error = float((torch.cat([r[2] for r in rows]) - whole).abs().max())
     if dist.get_rank() == 0:
         spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
         (Path(out) / "ranks.json").write_text(json.dumps({"max_rank_difference": spread,
                                                           "sharded": parallel.is_sharded(policy),
-                                                          "world_size": dist.get_world_size()}))
+                                                          "world_size": dist.get_world_size(),
+                                                          "whiten_error_below_1e-5": whiten_error < 1e-5}))
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """Two gloo processes on CPU: dvpo under torchrun with FSDP2 and with replicas; every rank ends with the
-same weights, and the sharded run trains the same model as the replicated one."""
+same weights, the sharded run trains the same model as the replicated one, evaluation with uneven shares
+does not hang, and batch whitening uses every rank's rows."""
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ def torchrun(out: Path, mode: str, sft: Path, gvm: Path) -> dict:
 def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):  # noqa: F811
     fsdp = torchrun(tmp_path / "fsdp", "fsdp", sft_model, gvm_model)
     replicas = torchrun(tmp_path / "replicate", "replicate", sft_model, gvm_model)
-    assert fsdp == {"max_rank_difference": 0.0, "sharded": True, "world_size": 2}
-    assert replicas == {"max_rank_difference": 0.0, "sharded": False, "world_size": 2}
+    common = {"max_rank_difference": 0.0, "world_size": 2, "whiten_error_below_1e-5": True}
+    assert fsdp == {**common, "sharded": True}
+    assert replicas == {**common, "sharded": False}
+    # 3 held-out prompts over 2 ranks: the shorter share is padded, the mean counts real prompts only
+    evals = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
+    assert evals["eval/prompts"] == 3
     a = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "replicate" / "final" / "model.safetensors"))
     start = load_file(str(sft_model / "model.safetensors"))

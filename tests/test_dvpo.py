@@ -88,6 +88,12 @@ def test_fused_and_unfused_paths_give_the_same_advantages_loss_and_gradients(sft
         loss.backward()
         grads[kernels] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
     torch.testing.assert_close(grads["fused"][0], grads["unfused"][0], rtol=1e-5, atol=1e-6)
+    # the token normaliser only applies to token-mean; per-sequence means ignore it
+    seq = ActorConfig(loss_agg="seq-mean-token-mean")
+    with torch.no_grad():
+        a, _ = policy_loss_on(policy, exp, seq, LossTerms(), normalizer=exp.mask.sum())
+        b, _ = policy_loss_on(policy, exp, seq, LossTerms(), normalizer=None)
+    torch.testing.assert_close(a, b)
     for a, b in zip(grads["fused"][1], grads["unfused"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

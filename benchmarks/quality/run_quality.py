@@ -47,6 +47,15 @@ def run(stage: str, overrides: dict):
     return STAGES[stage].run(cfg)
 
 
+def reward_at_kl(curve: list[dict], kl: float) -> float | None:
+    """Linear interpolation of a method's checkpoint rewards at ``kl`` (None outside the KL range it covered)."""
+    points = sorted((c["kl"], c["reward"]) for c in curve)
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= kl <= k1:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else r1
+    return None
+
+
 def mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
@@ -61,6 +70,10 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {name.upper()} | {r['reward']['mean']:.3f} ± {r['reward']['std']:.3f} | "
                      f"{r['kl']['mean']:.3f} ± {r['kl']['std']:.3f} |")
     lines.append(f"| optimum | {report['optimum']['mean']:.3f} | |")
+    eq = report["equal_kl"]
+    lines += ["", "At equal KL (DVPO's checkpoint curve interpolated at PPO's final KL, per seed): DVPO "
+                  + ", ".join("n/a" if d is None else f"{d:.3f}" for d in eq["dvpo"]) + " vs PPO "
+                  + ", ".join(f"{p:.3f}" for p in eq["ppo"]) + "."]
     acc = report["oracle_pair_accuracy"]
     lines += ["", "Held-out pairwise accuracy on the oracle task's pairs: GVM "
                   f"{acc['gvm']['mean']:.3f} ± {acc['gvm']['std']:.3f}, RM {acc['rm']['mean']:.3f} ± {acc['rm']['std']:.3f}."]
@@ -81,14 +94,22 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--skip-hh", action="store_true", help="skip the HH GVM-vs-RM accuracy part")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the report from the runs already in --work (no training)")
     args = ap.parse_args()
 
     per_method: dict[str, dict[str, list[float]]] = {}
-    optimum, gvm_acc, rm_acc = [], [], []
+    optimum, gvm_acc, rm_acc, equal_kl = [], [], [], {"dvpo": [], "ppo": []}
     for seed in args.seeds:
-        result = run("demo", {**SCALES[args.scale], "methods": "[dvpo,ppo,dpo,vpo]", "seed": str(seed),
-                              "task.seed": str(seed), "device": args.device,
-                              "output_dir": str(args.work / f"seed{seed}")})
+        folder = args.work / f"seed{seed}"
+        if args.report_only:
+            result = json.loads((folder / "results.json").read_text())
+        else:
+            result = run("demo", {**SCALES[args.scale], "methods": "[dvpo,ppo,dpo,vpo]", "seed": str(seed),
+                                  "task.seed": str(seed), "device": args.device, "output_dir": str(folder)})
+        ppo_kl = result["methods"]["ppo"]["kl"]
+        equal_kl["ppo"].append(result["methods"]["ppo"]["reward"])
+        equal_kl["dvpo"].append(reward_at_kl(result["curves"]["DVPO"], ppo_kl))
         optimum.append(result["optimum_reward"])
         gvm_acc.append(result["accuracy"]["gvm_pair_acc"])
         rm_acc.append(result["accuracy"]["rm_pair_acc"])
@@ -98,7 +119,9 @@ def main() -> None:
             slot["kl"].append(r["kl"])
 
     hh = None
-    if not args.skip_hh and HH.is_file():
+    if args.report_only and (args.out / "quality_cpu.json").is_file():
+        hh = json.loads((args.out / "quality_cpu.json").read_text()).get("hh")
+    elif not args.skip_hh and HH.is_file():
         common = {**HH_VALUE, "data.pairs": f"[{HH}]", "train.device": args.device, "train.seed": "0"}
         gvm = run("gvm", {**common, "train.output_dir": str(args.work / "hh_gvm")})
         rm = run("rm", {**common, "train.output_dir": str(args.work / "hh_rm")})
@@ -111,7 +134,8 @@ def main() -> None:
     report = {"environment": environment(device), "scale": args.scale, "seeds": args.seeds,
               "optimum": mean_std(optimum),
               "methods": {k: {m: mean_std(v) for m, v in d.items()} for k, d in per_method.items()},
-              "oracle_pair_accuracy": {"gvm": mean_std(gvm_acc), "rm": mean_std(rm_acc)}, "hh": hh}
+              "oracle_pair_accuracy": {"gvm": mean_std(gvm_acc), "rm": mean_std(rm_acc)}, "equal_kl": equal_kl,
+              "hh": hh}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
     (args.out / f"quality_{tag}.json").write_text(json.dumps(report, indent=2))

@@ -6,10 +6,11 @@ from .config import ActorConfig, KLConfig, PromptDataConfig, RolloutConfig
 from .experience import Experience, encode_prompts, micro_batches, policy_logprobs, state_slice, value_states
 from .kl import KLController
 from .step import RolloutStep, Timer, check_same_vocabulary, frozen, frozen_policy, frozen_value_model
+from .whiten import batch_whiten
 
 __all__ = [
     "ActorConfig", "ActorUpdater", "Experience", "KLConfig", "KLController", "LossTerms", "NonFiniteError",
-    "PromptDataConfig", "RolloutConfig", "RolloutStep", "Timer", "check_same_vocabulary", "encode_prompts", "frozen",
-    "frozen_policy", "frozen_value_model", "micro_batches", "mini_batch_rows", "policy_logprobs", "policy_loss_on",
-    "state_slice", "unfused", "updates_per_step", "value_states",
+    "PromptDataConfig", "RolloutConfig", "RolloutStep", "Timer", "batch_whiten", "check_same_vocabulary",
+    "encode_prompts", "frozen", "frozen_policy", "frozen_value_model", "micro_batches", "mini_batch_rows",
+    "policy_logprobs", "policy_loss_on", "state_slice", "unfused", "updates_per_step", "value_states",
 ]

@@ -42,7 +42,8 @@ def policy_loss_on(policy: PolicyModel, part: Experience, cfg: ActorConfig, term
     """(loss, metrics) of the PPO loss on ``part``, through ``policy``'s forward."""
     kw = dict(ref_logprobs=part.ref_logprobs if terms.kl_coef > 0 else None, clip_low=cfg.clip_low,
               clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl_coef=terms.kl_coef, kl_type=terms.kl_type,
-              entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg, normalizer=normalizer)
+              entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+              normalizer=normalizer if cfg.loss_agg == "token-mean" else None)
 
     def head(hidden, weight, bias):
         h = state_slice(hidden, part)
@@ -109,7 +110,7 @@ class ActorUpdater:
                 norm = self._update(loss_sum, step)
                 losses.append(loss_sum)
                 norms.append(norm)
-        out = {"actor/pg_loss": torch.stack(losses).mean(), "actor/grad_norm": torch.stack(norms).mean(),
+        out = {"actor/pg_loss": torch.stack(losses).mean(), "actor/grad_norm": torch.stack(norms).nanmean(),
                "actor/skipped_updates": float(self.skipped)}
         names = {"clipfrac": "actor/pg_clipfrac", "ppo_kl": "actor/ppo_kl", "ratio_mean": "actor/ratio_mean",
                  "kl": "actor/kl_loss", "entropy": "actor/entropy_loss"}

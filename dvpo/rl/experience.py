@@ -37,6 +37,7 @@ class Experience:
     prompt_len: int  # P
     mask: Tensor  # [B, R] bool, real response tokens (EOS included)
     lengths: list[int]  # response tokens per row (host copy)
+    finished: Tensor | None = None  # [B] bool, the row ended with EOS (not cut at max_new_tokens)
     old_logprobs: Tensor | None = None  # [B, R] fp32, the sampling policy
     ref_logprobs: Tensor | None = None
     entropy: Tensor | None = None
@@ -48,7 +49,7 @@ class Experience:
     @classmethod
     def from_rollout(cls, rollout: Rollout) -> Experience:
         return cls(rollout.sequences, rollout.attention_mask, rollout.position_ids, rollout.prompt_len,
-                   rollout.response_mask, rollout.response_lengths.tolist())
+                   rollout.response_mask, rollout.response_lengths.tolist(), finished=rollout.finished)
 
     @property
     def targets(self) -> Tensor:

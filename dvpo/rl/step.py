@@ -79,7 +79,8 @@ class RolloutStep:
     # --- phases ----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], step: int, **overrides) -> Experience:
         r = self.rollout_cfg
-        generator = torch.Generator(self.device).manual_seed((self.seed * 1_000_003 + step) * 31 + distributed.rank())
+        generator = torch.Generator(self.device).manual_seed(
+            ((self.seed * 1_000_003 + step) * 1_000_033 + distributed.rank()) % 2**63)
         kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         kw.update(overrides)
         with parallel.gathered_root(self.policy), torch.no_grad():
@@ -162,7 +163,7 @@ class RolloutStep:
                "critic/advantages/mean": mean(exp.advantages), "critic/returns/mean": mean(exp.returns),
                "critic/values/mean": mean(exp.values), "response_length/mean": lengths.mean(),
                "response_length/max": lengths.max(), "response_length/min": lengths.min(),
-               "response_length/clip_ratio": (lengths >= self.rollout_cfg.max_new_tokens).float().mean()}
+               "response_length/clip_ratio": (~exp.finished).float().mean()}
         if exp.scores is not None:
             out["critic/score/mean"] = exp.scores.mean()
         return out
@@ -176,12 +177,15 @@ class RolloutStep:
     def evaluate(self, prompts: list[list[int]], batch_size: int, reward_fn=None) -> dict[str, torch.Tensor]:
         """Sample one response per held-out prompt (same seed at every evaluation) and report its mean
         length, sequence KL to the reference, the recipe's scores and ``reward_fn(prompt_ids, response_ids)``
-        (e.g. an oracle reward) when given; sums are taken over ranks."""
-        shard = prompts[distributed.rank()::distributed.world_size()]
+        (e.g. an oracle reward) when given; sums are taken over ranks. Every rank's share is padded to the
+        same length with zero-weight repeats, so all ranks run the same forwards (each is a collective
+        under FSDP2)."""
+        shard, weights = distributed.padded_shard(prompts)
         sums: dict[str, torch.Tensor] = {}
         self.policy.eval()
         for start in range(0, len(shard), batch_size):
             exp = self.generate(shard[start:start + batch_size], step=-1)
+            w = torch.tensor(weights[start:start + batch_size], dtype=torch.float64, device=self.device)
             exp.old_logprobs = self.logprobs(self.policy, exp)
             exp.ref_logprobs = self.reference_logprobs(exp)
             rows = {"eval/response_length": exp.mask.sum(-1).float(),
@@ -192,8 +196,8 @@ class RolloutStep:
                 rows["eval/reward"] = torch.tensor(reward_fn(shard[start:start + batch_size], responses),
                                                    dtype=torch.float32, device=self.device)
             for k, v in rows.items():
-                sums[k] = sums.get(k, 0.0) + v.double().sum()
-        sums["eval/prompts"] = torch.tensor(float(len(shard)), dtype=torch.float64, device=self.device)
+                sums[k] = sums.get(k, 0.0) + (v.double() * w).sum()
+        sums["eval/prompts"] = torch.tensor(float(sum(weights)), dtype=torch.float64, device=self.device)
         names = list(sums)
         totals = distributed.all_reduce_(torch.stack([torch.as_tensor(sums[k], device=self.device) for k in names]))
         n = totals[-1].clamp(min=1)

@@ -33,9 +33,10 @@ from ..rl import (
     check_same_vocabulary,
     frozen_value_model,
     unfused,
+    batch_whiten,
     value_states,
 )
-from ..trainer import TrainConfig, Trainer
+from ..trainer import TrainConfig, Trainer, distributed
 from .registry import register_stage
 from .rl_setup import ReferenceConfig, check_rl_config, setup_rl
 
@@ -73,7 +74,7 @@ class DVPOStageConfig:
                                  "optimisation (train.batch_size = prompts per step), logging, checkpoints")
 
     def validate(self) -> None:
-        check_rl_config(self.model, self.actor, self.train)
+        check_rl_config(self.model, self.ref, self.actor, self.train)
 
 
 class DVPOStep(RolloutStep):
@@ -93,16 +94,26 @@ class DVPOStep(RolloutStep):
             states, final = value_states(self.gvm, exp, micro=self.micro)
         with timer("adv"):
             exp.scores = self.terminal_scores(final) if g.score == "gvm_terminal" else None
+            # Batch statistics span all ranks: with several, batch value norm and advantage whitening
+            # are done here with global statistics instead of inside the per-rank op.
+            many = distributed.is_distributed()
             kw = dict(old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, kl_coef=self.kl_in_reward,
                       score=exp.scores, gamma=g.gamma, lam=g.lam, value_norm=g.value_norm,
-                      whiten_advantages=g.whiten_advantages)
-            if self.actor.cfg.kernels == "fused":
-                exp.advantages, exp.returns, exp.values = dk.dvpo_advantages(states, head.weight, head.bias,
-                                                                             exp.mask, **kw)
-            else:
+                      whiten_advantages=g.whiten_advantages and not many)
+            fused, prenormed = self.actor.cfg.kernels == "fused", many and g.value_norm == "batch"
+            if prenormed or not fused:
                 bias = head.bias.float() if head.bias is not None else None
                 raw = torch.nn.functional.linear(states.float(), head.weight.float(), bias).squeeze(-1)
-                exp.advantages, exp.returns, exp.values = unfused.dvpo_advantages(raw, exp.mask, **kw)
+                if prenormed:
+                    raw, kw["value_norm"] = batch_whiten(raw, exp.mask), "none"
+            if not fused:
+                adv, exp.returns, exp.values = unfused.dvpo_advantages(raw, exp.mask, **kw)
+            elif prenormed:  # values already normalised: a unit projection
+                adv, exp.returns, exp.values = dk.dvpo_advantages(raw[..., None], raw.new_ones(1, 1), None,
+                                                                  exp.mask, **kw)
+            else:
+                adv, exp.returns, exp.values = dk.dvpo_advantages(states, head.weight, head.bias, exp.mask, **kw)
+            exp.advantages = batch_whiten(adv, exp.mask) if g.whiten_advantages and many else adv
 
     def eval_scores(self, exp: Experience) -> dict[str, torch.Tensor]:
         with self.autocast():

@@ -32,6 +32,7 @@ from ..rl import (
     RolloutConfig,
     RolloutStep,
     Timer,
+    batch_whiten,
     check_same_vocabulary,
     frozen_value_model,
     micro_batches,
@@ -97,7 +98,7 @@ class PPOStageConfig:
                                  "optimisation (train.batch_size = prompts per step), logging, checkpoints")
 
     def validate(self) -> None:
-        check_rl_config(self.model, self.actor, self.train)
+        check_rl_config(self.model, self.ref, self.actor, self.train)
 
 
 class ActorCritic(torch.nn.Module):
@@ -157,10 +158,11 @@ class PPOStep(RolloutStep):
             rewards = unfused.kl_rewards(exp.mask, exp.old_logprobs, exp.ref_logprobs, self.kl_in_reward, exp.scores)
             if self.actor.cfg.kernels == "fused":
                 adv, exp.returns = dk.gae(exp.values, rewards, exp.mask, gamma=c.gamma, lam=c.lam)
-                exp.advantages = dk.masked_whiten(adv, exp.mask) if c.whiten_advantages else adv
+                whiten = batch_whiten
             else:
                 adv, exp.returns = unfused.loop_gae(exp.values, rewards, exp.mask, c.gamma, c.lam)
-                exp.advantages = unfused.whiten(adv, exp.mask) if c.whiten_advantages else adv
+                whiten = batch_whiten if distributed.is_distributed() else unfused.whiten
+            exp.advantages = whiten(adv, exp.mask) if c.whiten_advantages else adv
 
     def after_actor(self, exp: Experience, step: int, metrics: dict, timer: Timer) -> None:
         """The critic's clipped value regression toward the returns, same epochs and mini-batches."""
@@ -205,7 +207,7 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     if parallel_mode != "replicate" and distributed.is_distributed():
         raise ConfigError("dvpo ppo trains two models and runs them as replicas under torchrun: "
                           "use train.parallel=replicate (or auto)")
-    s = setup_rl(cfg, parallel_mode)
+    s = setup_rl(cfg, parallel_mode, actor_steps_skipped=cfg.critic.warmup_steps)
     check_same_vocabulary(s.tokenizer, load_tokenizer(cfg.reward.path), f"the reward model at {cfg.reward.path}")
     reward_model = frozen_value_model(cfg.reward.path, s.tokenizer, s.device, s.bf16)
     critic_cfg = ModelConfig(path=cfg.critic.init or cfg.reward.path,

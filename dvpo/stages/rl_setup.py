@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import option
+from ..config import ConfigError, option
 from ..data import DataStats, Encoder, read_prompts
 from ..models import ModelConfig, PolicyModel, load_tokenizer
 from ..rl import ActorConfig, ActorUpdater, PromptDataConfig, encode_prompts, frozen_policy, updates_per_step
@@ -75,8 +75,10 @@ class RLSetup:
     actor: ActorUpdater
 
 
-def setup_rl(cfg, parallel_mode: str) -> RLSetup:
-    """``cfg`` has ``model``, ``ref``, ``data``, ``rollout``, ``actor`` and ``train`` sections."""
+def setup_rl(cfg, parallel_mode: str, actor_steps_skipped: int = 0) -> RLSetup:
+    """``cfg`` has ``model``, ``ref``, ``data``, ``rollout``, ``actor`` and ``train`` sections;
+    ``actor_steps_skipped`` steps do not update the policy (PPO's critic warm-up), so its schedule is
+    spread over the others."""
     t = cfg.train
     device = start_run(t, cfg)
     bf16 = use_bf16(t.precision, device)
@@ -95,7 +97,8 @@ def setup_rl(cfg, parallel_mode: str) -> RLSetup:
     total_steps = t.max_steps or batches.steps_for(t.epochs)
     per_rank = t.batch_size // distributed.world_size()
     optimizer = build_optimizer(policy, t)
-    scheduler = build_scheduler(optimizer, t, total_steps * updates_per_step(cfg.actor, t.batch_size))
+    actor_steps = max(1, total_steps - actor_steps_skipped)
+    scheduler = build_scheduler(optimizer, t, actor_steps * updates_per_step(cfg.actor, t.batch_size))
     actor = ActorUpdater(policy, optimizer, scheduler, trainable_parameters(policy), cfg.actor,
                          global_batch=t.batch_size, micro=t.micro_batch_size or per_rank,
                          max_grad_norm=t.max_grad_norm, seed=t.seed, device=device, bf16=bf16)
@@ -106,12 +109,13 @@ def setup_rl(cfg, parallel_mode: str) -> RLSetup:
                    micro, optimizer, scheduler, actor)
 
 
-def check_rl_config(model: ModelConfig, actor: ActorConfig, train: TrainConfig) -> None:
-    from ..config import ConfigError
-
+def check_rl_config(model: ModelConfig, ref: ReferenceConfig, actor: ActorConfig, train: TrainConfig) -> None:
     if model.path is None and model.tokenizer is None:
         raise ConfigError("model.path (the SFT policy) or model.tokenizer must be set: the policy, reference and "
                           "value models must share one tokenizer")
+    if model.path is None and ref.path is None:
+        raise ConfigError("a policy built from config needs ref.path: the reference must be a trained model, "
+                          "not a second random one")
     if actor.mini_batch_size > train.batch_size:
         raise ConfigError(f"actor.mini_batch_size ({actor.mini_batch_size}) exceeds train.batch_size "
                           f"({train.batch_size})")

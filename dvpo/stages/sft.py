@@ -83,11 +83,11 @@ def encode_demonstrations(demos: list[Demonstration], encoder: Encoder) -> list[
 
 
 def response_nll(policy: PolicyModel, batch: ValueBatch) -> torch.Tensor:
-    """Summed NLL of the response tokens of ``batch`` (fp32 scalar)."""
+    """``[B]``: each row's summed NLL of its response tokens (fp32)."""
     targets = batch.input_ids[:, 1:]
 
     def head(hidden, weight, bias):
-        return -masked_logprobs(hidden[:, :-1], weight, bias, targets, batch.mask).sum()
+        return -masked_logprobs(hidden[:, :-1], weight, bias, targets, batch.mask).sum(-1)
 
     return policy(batch.input_ids, batch.attention_mask, head)
 
@@ -145,7 +145,7 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
         for m in range(0, len(indices), micro):
             (part,) = batch.select(list(range(m, min(len(indices), m + micro))))
             with autocast(device, bf16):
-                loss = response_nll(policy, part) / normalizer
+                loss = response_nll(policy, part).sum() / normalizer
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = apply_update(params, optimizer, scheduler, t.max_grad_norm)
@@ -155,13 +155,16 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
 
     @torch.no_grad()
     def eval_fn() -> dict:
+        """Held-out NLL; every rank runs the same forwards (padding entries weigh 0)."""
         policy.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=device)
-        shard = evals[distributed.rank()::distributed.world_size()]
+        shard, weights = distributed.padded_shard(evals)
         for start in range(0, len(shard), per_rank):
             batch = collate_values(shard[start:start + per_rank], pad).to(device)
+            w = torch.tensor(weights[start:start + per_rank], dtype=torch.float64, device=device)
             with autocast(device, bf16):
-                totals += torch.stack([response_nll(policy, batch).double(), batch.mask.sum().double()])
+                nll = response_nll(policy, batch).double()
+            totals += torch.stack([(nll * w).sum(), (batch.mask.sum(-1).double() * w).sum()])
         policy.train()
         distributed.all_reduce_(totals)
         nll = totals[0] / totals[1].clamp(min=1)

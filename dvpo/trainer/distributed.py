@@ -57,3 +57,13 @@ def average_gradients(params) -> None:
     for p in params:
         if p.grad is not None and not isinstance(p, DTensor):
             all_reduce_(p.grad, "mean")
+
+
+def padded_shard(items: list) -> tuple[list, list[float]]:
+    """This rank's strided share of ``items``, padded with repeats of its first item to the same length
+    on every rank (``ceil(len / world)``), and a weight per entry (0 for the padding). Ranks that must
+    run the same number of forwards (FSDP2, whose forwards are collectives) evaluate with it."""
+    per = -(-len(items) // world_size())
+    shard = items[rank()::world_size()]
+    filler = shard[0] if shard else items[0]
+    return shard + [filler] * (per - len(shard)), [1.0] * len(shard) + [0.0] * (per - len(shard))
