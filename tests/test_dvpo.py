@@ -162,3 +162,15 @@ def test_config_errors_name_the_key(sft_model, tmp_path):
         stage_config("dvpo", "dvpo_tiny", tmp_path, **{"gvm.path": "null"})
     with pytest.raises(ConfigError, match="actor.mini_batch_size"):
         stage_config("dvpo", "dvpo_tiny", tmp_path, **{"actor.mini_batch_size": "64"})
+
+
+def test_dvpo_with_lora_uses_the_adapter_free_base_as_reference(sft_model, gvm_model, tmp_path):
+    kw = dvpo_overrides(sft_model, gvm_model, **{"model.lora_r": "4", "train.max_steps": "2", "train.lr": "1e-2"})
+    run_stage("dvpo", "dvpo_tiny", tmp_path, **kw)
+    rows = [r for r in metrics(tmp_path) if "critic/kl" in r]
+    assert rows[0]["critic/kl"] == 0.0  # LoRA starts as the identity: policy == reference at step 1
+    assert rows[1]["critic/kl"] != 0.0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # adapters merged on export
+    assert type(merged).__name__ == "LlamaForCausalLM"
