@@ -71,9 +71,9 @@ def to_markdown(report: dict) -> str:
                      f"{r['kl']['mean']:.3f} ± {r['kl']['std']:.3f} |")
     lines.append(f"| optimum | {report['optimum']['mean']:.3f} | |")
     eq = report["equal_kl"]
-    lines += ["", "At equal KL (DVPO's checkpoint curve interpolated at PPO's final KL, per seed): DVPO "
-                  + ", ".join("n/a" if d is None else f"{d:.3f}" for d in eq["dvpo"]) + " vs PPO "
-                  + ", ".join(f"{p:.3f}" for p in eq["ppo"]) + "."]
+    lines += ["", "At equal KL (both checkpoint curves interpolated at the largest KL both reached), per seed: "
+                  + "; ".join(f"KL {k:.2f}: DVPO {d:.3f} vs PPO {p:.3f}"
+                              for k, d, p in zip(eq["kl"], eq["dvpo"], eq["ppo"])) + "."]
     acc = report["oracle_pair_accuracy"]
     lines += ["", "Held-out pairwise accuracy on the oracle task's pairs: GVM "
                   f"{acc['gvm']['mean']:.3f} ± {acc['gvm']['std']:.3f}, RM {acc['rm']['mean']:.3f} ± {acc['rm']['std']:.3f}."]
@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
 
     per_method: dict[str, dict[str, list[float]]] = {}
-    optimum, gvm_acc, rm_acc, equal_kl = [], [], [], {"dvpo": [], "ppo": []}
+    optimum, gvm_acc, rm_acc, equal_kl = [], [], [], {"kl": [], "dvpo": [], "ppo": []}
     for seed in args.seeds:
         folder = args.work / f"seed{seed}"
         if args.report_only:
@@ -107,9 +107,11 @@ def main() -> None:
         else:
             result = run("demo", {**SCALES[args.scale], "methods": "[dvpo,ppo,dpo,vpo]", "seed": str(seed),
                                   "task.seed": str(seed), "device": args.device, "output_dir": str(folder)})
-        ppo_kl = result["methods"]["ppo"]["kl"]
-        equal_kl["ppo"].append(result["methods"]["ppo"]["reward"])
-        equal_kl["dvpo"].append(reward_at_kl(result["curves"]["DVPO"], ppo_kl))
+        # both checkpoint curves at the largest KL both reached
+        kl = min(max(c["kl"] for c in result["curves"][m]) for m in ("DVPO", "PPO"))
+        equal_kl["kl"].append(kl)
+        equal_kl["dvpo"].append(reward_at_kl(result["curves"]["DVPO"], kl))
+        equal_kl["ppo"].append(reward_at_kl(result["curves"]["PPO"], kl))
         optimum.append(result["optimum_reward"])
         gvm_acc.append(result["accuracy"]["gvm_pair_acc"])
         rm_acc.append(result["accuracy"]["rm_pair_acc"])
