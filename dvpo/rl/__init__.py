@@ -5,6 +5,7 @@ from .actor import ActorUpdater, LossTerms, NonFiniteError, mini_batch_rows, pol
 from .config import ActorConfig, KLConfig, PromptDataConfig, RolloutConfig
 from .experience import Experience, encode_prompts, micro_batches, policy_logprobs, state_slice, value_states
 from .kl import KLController
+from .scoring import sample_and_score
 from .step import RolloutStep, Timer, check_same_vocabulary, frozen, frozen_policy, frozen_value_model
 from .whiten import batch_whiten
 
@@ -12,5 +13,5 @@ __all__ = [
     "ActorConfig", "ActorUpdater", "Experience", "KLConfig", "KLController", "LossTerms", "NonFiniteError",
     "PromptDataConfig", "RolloutConfig", "RolloutStep", "Timer", "batch_whiten", "check_same_vocabulary",
     "encode_prompts", "frozen", "frozen_policy", "frozen_value_model", "micro_batches", "mini_batch_rows",
-    "policy_logprobs", "policy_loss_on", "state_slice", "unfused", "updates_per_step", "value_states",
+    "policy_logprobs", "policy_loss_on", "sample_and_score", "state_slice", "unfused", "updates_per_step", "value_states",
 ]

@@ -93,8 +93,7 @@ class ActorUpdater:
             for start in range(0, n, self.mini):
                 group = order[start:start + self.mini]
                 mini = exp.select(group)
-                tokens = distributed.all_reduce_(mini.mask.sum().float())
-                normalizer = (tokens / distributed.world_size()).clamp(min=1.0)
+                normalizer = distributed.token_normalizer(mini.mask.sum())
                 loss_sum = torch.zeros((), device=self.device)
                 for rows in micro_batches(len(group), self.micro):
                     part = mini.select(rows)

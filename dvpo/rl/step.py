@@ -16,7 +16,7 @@ import torch
 
 from ..models import ModelConfig, PolicyModel, ValueModel, load_causal_lm, load_token_value_model
 from ..rollout import RolloutEngine
-from ..trainer import distributed, parallel
+from ..trainer import autocast, distributed, parallel
 from .actor import ActorUpdater, LossTerms
 from .config import KLConfig, RolloutConfig
 from .experience import Experience, policy_logprobs
@@ -100,8 +100,6 @@ class RolloutStep:
             return self.logprobs(self.policy, exp)
 
     def autocast(self):
-        from ..trainer import autocast
-
         return autocast(self.device, self.bf16)
 
     @property

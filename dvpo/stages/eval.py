@@ -12,27 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-import dvpo_kernels as dk
-
 from ..config import ConfigError, option, section
 from ..data import DataConfig, DataStats, Encoder, read_prompts
 from ..models import ModelConfig, PolicyModel, load_causal_lm, load_tokenizer
 from ..rl import (
-    Experience,
     RolloutConfig,
     check_same_vocabulary,
     encode_prompts,
     frozen,
     frozen_policy,
     frozen_value_model,
-    policy_logprobs,
-    value_states,
+    sample_and_score,
 )
-from ..rollout import RolloutEngine
 from ..tasks import OracleTask
-from ..trainer import autocast, resolve_device, seed_everything, use_bf16, write_json
+from ..trainer import resolve_device, seed_everything, use_bf16, write_json
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -121,32 +114,14 @@ def run(cfg: EvalStageConfig) -> dict[str, float]:
                       n_words=cfg.judge.oracle_n_words) if cfg.judge.oracle else None
 
     r = cfg.rollout
-    engine = RolloutEngine(policy.hf_model, r.engine)
-    generator = torch.Generator(device).manual_seed(e.seed)
-    micro = r.micro_batch_size or e.batch_size
-    samples = []
-    for start in range(0, len(prompts), e.batch_size):
-        batch = records[start:start + e.batch_size]
-        rollout = engine.generate(prompts[start:start + e.batch_size], max_new_tokens=r.max_new_tokens,
-                                  temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, generator=generator,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        exp = Experience.from_rollout(rollout)
-        columns: dict[str, torch.Tensor] = {"length": exp.mask.sum(-1).float()}
-        with autocast(device, bf16):
-            if reference is not None:
-                logp = policy_logprobs(policy, exp, temperature=r.temperature, micro=micro)
-                ref = policy_logprobs(reference, exp, temperature=r.temperature, micro=micro)
-                columns["kl"] = torch.where(exp.mask, logp - ref, 0.0).sum(-1)
-            for name, judge in judges.items():
-                _, final = value_states(judge, exp, micro=micro)
-                columns[f"score/{name}"] = dk.value_head(final, judge.head.weight, judge.head.bias)
-        values = {k: v.tolist() for k, v in columns.items()}
-        for b, rec in enumerate(batch):
-            response = tokenizer.decode(exp.targets[b, :exp.lengths[b]].tolist(), skip_special_tokens=True)
-            row = {"prompt": rec.prompt, "response": response, **{k: v[b] for k, v in values.items()}}
-            if task is not None:
-                row["oracle_reward"] = task.reward(rec.prompt, response)
-            samples.append(row)
+    samples = sample_and_score(policy, prompts, tokenizer, reference=reference, judges=judges,
+                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                               top_k=r.top_k, engine=r.engine, seed=e.seed, batch_size=e.batch_size,
+                               micro=r.micro_batch_size or e.batch_size, bf16=bf16)
+    for rec, row in zip(records, samples):
+        row["prompt"] = rec.prompt
+        if task is not None:
+            row["oracle_reward"] = task.reward(rec.prompt, row["response"])
 
     keys = [k for k in samples[0] if k not in ("prompt", "response")]
     results = {f"eval/{k}": sum(s[k] for s in samples) / len(samples) for k in keys}

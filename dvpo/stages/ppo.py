@@ -176,8 +176,7 @@ class PPOStep(RolloutStep):
                 order = torch.randperm(n, generator=generator).tolist()
                 for start in range(0, n, mini):
                     group = exp.select(order[start:start + mini])
-                    tokens = distributed.all_reduce_(group.mask.sum().float())
-                    normalizer = (tokens / distributed.world_size()).clamp(min=1.0)
+                    normalizer = distributed.token_normalizer(group.mask.sum())
                     total = torch.zeros((), device=self.device)
                     for rows in micro_batches(group.batch_size, self.actor.micro):
                         part = group.select(rows)

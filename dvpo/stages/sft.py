@@ -92,13 +92,6 @@ def response_nll(policy: PolicyModel, batch: ValueBatch) -> torch.Tensor:
     return policy(batch.input_ids, batch.attention_mask, head)
 
 
-def global_count(n: torch.Tensor) -> torch.Tensor:
-    """A token count summed over ranks, divided by the world size: the normaliser that makes averaged
-    per-rank gradients equal the gradient of the global token mean."""
-    total = distributed.all_reduce_(n.detach().float().clone())
-    return (total / distributed.world_size()).clamp(min=1.0)
-
-
 @register_stage("sft", SFTStageConfig, "supervised fine-tuning on demonstrations (the reference policy)",
                 __doc__.split("\n\n", 1)[1])
 def run(cfg: SFTStageConfig) -> dict[str, float]:
@@ -140,7 +133,7 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
 
     def step_fn(indices: list[int], step: int) -> dict:
         batch = collate_values([train[i] for i in indices], pad).to(device)
-        normalizer = global_count(batch.mask.sum())
+        normalizer = distributed.token_normalizer(batch.mask.sum())
         loss_sum = torch.zeros((), device=device)
         for m in range(0, len(indices), micro):
             (part,) = batch.select(list(range(m, min(len(indices), m + micro))))

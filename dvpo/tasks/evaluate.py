@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ..models import PolicyModel
-from ..rl import Experience, policy_logprobs
-from ..rollout import generate
+from ..rl import sample_and_score
 from .oracle import OracleTask
 
 
@@ -27,27 +26,13 @@ def load_policy(folder: str | Path, base: str | Path, device: torch.device) -> t
     return model.to(device).eval()
 
 
-@torch.no_grad()
 def oracle_scores(model: torch.nn.Module, reference: torch.nn.Module, tokenizer, task: OracleTask, prompts: list[str],
                   *, max_new_tokens: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> dict:
-    """Mean oracle reward r*(x, y), sequence KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` and response
-    length (EOS included) of one sampled response per prompt; the same seed draws the same noise for
-    every policy."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    totals = {"reward": 0.0, "kl": 0.0, "length": 0.0}
-    policy, ref = PolicyModel(model), PolicyModel(reference)
-    for start in range(0, len(prompts), batch_size):
-        texts = prompts[start:start + batch_size]
-        ids = [tokenizer.encode(t) for t in texts]
-        rollout = generate(model, ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, temperature=temperature, generator=generator)
-        exp = Experience.from_rollout(rollout)
-        logp = policy_logprobs(policy, exp, temperature=temperature, micro=0)
-        ref_logp = policy_logprobs(ref, exp, temperature=temperature, micro=0)
-        totals["kl"] += float(torch.where(exp.mask, logp - ref_logp, 0.0).sum())
-        totals["length"] += float(exp.mask.sum())
-        for b, text in enumerate(texts):
-            response = tokenizer.decode(exp.targets[b, :exp.lengths[b]].tolist(), skip_special_tokens=True)
-            totals["reward"] += task.reward(text, response)
-    return {k: v / len(prompts) for k, v in totals.items()}
+    """Mean oracle reward r*(x, y), sequence KL to ``reference`` and response length of one sampled
+    response per prompt (the same seed draws the same noise for every policy)."""
+    rows = sample_and_score(PolicyModel(model), [tokenizer.encode(p) for p in prompts], tokenizer,
+                            reference=PolicyModel(reference), max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed, batch_size=batch_size)
+    rewards = [task.reward(p, r["response"]) for p, r in zip(prompts, rows)]
+    return {"reward": sum(rewards) / len(rows), "kl": sum(r["kl"] for r in rows) / len(rows),
+            "length": sum(r["length"] for r in rows) / len(rows)}

@@ -67,3 +67,10 @@ def padded_shard(items: list) -> tuple[list, list[float]]:
     shard = items[rank()::world_size()]
     filler = shard[0] if shard else items[0]
     return shard + [filler] * (per - len(shard)), [1.0] * len(shard) + [0.0] * (per - len(shard))
+
+
+def token_normalizer(count: torch.Tensor) -> torch.Tensor:
+    """The divisor that makes a token-mean loss exact under accumulation and data parallelism: this
+    update's token count summed over ranks, over the world size (gradients are then averaged over ranks)."""
+    total = all_reduce_(count.detach().float().clone())
+    return (total / world_size()).clamp(min=1.0)
