@@ -25,3 +25,15 @@ def sft_model(tmp_path_factory):
     run_stage("sft", "sft_tiny", out, **{**TINY, "data.train": str(HH), "data.limit": "96", "train.batch_size": "16",
                                        "train.max_steps": "12", "train.lr": "3e-3", "train.save_every": "0"})
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def gvm_model(sft_model, tmp_path_factory):
+    """A tiny GVM on the SFT backbone (examples/gvm_tiny.yaml), sharing its tokenizer."""
+    from _stages import HH, TINY, run_stage
+
+    out = tmp_path_factory.mktemp("gvm") / "run"
+    run_stage("gvm", "gvm_tiny", out, **{**TINY, "model.path": str(sft_model), "data.pairs": str(HH),
+                                        "data.limit": "48", "train.batch_size": "8", "train.max_steps": "4",
+                                        "train.save_every": "0", "train.eval_every": "0"})
+    return out / "final"

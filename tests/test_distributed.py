@@ -13,7 +13,6 @@ import pytest
 import torch
 from _stages import HH
 from safetensors.torch import load_file
-from test_dvpo import gvm_model  # noqa: F401  (fixture)
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
@@ -28,7 +27,7 @@ def torchrun(out: Path, mode: str, sft: Path, gvm: Path) -> dict:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):  # noqa: F811
+def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):
     fsdp = torchrun(tmp_path / "fsdp", "fsdp", sft_model, gvm_model)
     replicas = torchrun(tmp_path / "replicate", "replicate", sft_model, gvm_model)
     common = {"max_rank_difference": 0.0, "world_size": 2, "whiten_error_below_1e-5": True}

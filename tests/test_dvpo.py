@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _stages import HH, TINY, kill_after, metrics, run_stage, stage_config
+from _stages import HH, kill_after, metrics, run_stage, stage_config
 
 from dvpo.models import ModelConfig, PolicyModel, ValueModel, load_causal_lm, load_token_value_model, load_tokenizer
 from dvpo.rl import ActorConfig, Experience, KLController, LossTerms, policy_logprobs, policy_loss_on, unfused, value_states
@@ -12,15 +12,6 @@ from dvpo.rollout import generate
 from dvpo.stages import dvpo as dvpo_stage
 
 import dvpo_kernels as dk
-
-
-@pytest.fixture(scope="module")
-def gvm_model(sft_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gvm") / "run"
-    run_stage("gvm", "gvm_tiny", out, **{**TINY, "model.path": str(sft_model), "data.pairs": str(HH),
-                                        "data.limit": "48", "train.batch_size": "8", "train.max_steps": "4",
-                                        "train.save_every": "0", "train.eval_every": "0"})
-    return out / "final"
 
 
 def dvpo_overrides(sft_model, gvm_model, **extra):

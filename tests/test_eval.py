@@ -5,12 +5,11 @@ import json
 
 import pytest
 from _stages import HH
-from test_dvpo import gvm_model  # noqa: F401  (fixture)
 
 from dvpo.tasks import OracleTask
 
 
-def test_eval_scores_a_policy_against_itself_with_a_judge_and_the_oracle(sft_model, gvm_model, tmp_path):  # noqa: F811
+def test_eval_scores_a_policy_against_itself_with_a_judge_and_the_oracle(sft_model, gvm_model, tmp_path):
     task = OracleTask(seed=3, n_topics=4, n_words=16)
     prompts = tmp_path / "oracle_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in task.prompts(10)))

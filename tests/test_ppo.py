@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _stages import kill_after, metrics, run_stage
-from test_dvpo import dvpo_overrides, gvm_model  # noqa: F401  (fixture)
+from test_dvpo import dvpo_overrides
 
 import dvpo_kernels as dk
 from dvpo.rl import unfused
@@ -45,7 +45,7 @@ def ppo_overrides(sft_model, reward_model, **extra):
     return {**kw, "reward.path": str(reward_model), "critic.lr": "1e-3"}
 
 
-def test_ppo_runs_from_the_example_fused_and_unfused_and_resumes(sft_model, gvm_model, tmp_path):  # noqa: F811
+def test_ppo_runs_from_the_example_fused_and_unfused_and_resumes(sft_model, gvm_model, tmp_path):
     # A GVM folder has the reward model's format (a token value model); dvpo rm writes the same kind.
     kw = ppo_overrides(sft_model, gvm_model, **{"train.max_steps": "4", "train.save_every": "2",
                                                 "train.save_total_limit": "0", "critic.warmup_steps": "1"})

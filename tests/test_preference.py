@@ -21,8 +21,8 @@ from dvpo.stages.dpo import (
     PreferenceStep,
     ValueTerm,
     collate_rows,
-    sequence_logprobs,
 )
+from dvpo.stages.common import sequence_logprobs
 from dvpo.tasks import OracleTask
 from dvpo.trainer import TrainConfig, build_optimizer, build_scheduler
 

@@ -8,16 +8,16 @@ from transformers import AutoModelForCausalLM
 
 from dvpo.data import EncodedSequence, ValueExample, collate_values
 from dvpo.models import PolicyModel, load_tokenizer
-from dvpo.stages.sft import response_nll
+from dvpo.stages.common import sequence_logprobs
 
 
-def test_response_nll_matches_log_softmax_of_hf_logits_on_response_tokens_only(sft_model):
+def test_response_logprobs_match_log_softmax_of_hf_logits_on_response_tokens_only(sft_model):
     hf = AutoModelForCausalLM.from_pretrained(sft_model).eval()
     ex = [ValueExample((EncodedSequence([1, 40, 41], [50, 51, 2]),), (0.0,)),
           ValueExample((EncodedSequence([1, 60], [70, 2]),), (0.0,))]
     batch = collate_values(ex, pad_token_id=0)
     with torch.no_grad():
-        ours = response_nll(PolicyModel(hf), batch).sum()
+        ours = -sequence_logprobs(PolicyModel(hf), batch).sum()
         logp = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
         picked = logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     # row 0 trains tokens 50, 51, 2 (positions 3..5), row 1 tokens 70, 2 (positions 2..3)

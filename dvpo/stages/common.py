@@ -6,7 +6,16 @@ from pathlib import Path
 
 import torch
 
-from ..models import ModelConfig, PolicyModel, apply_lora, load_causal_lm, load_tokenizer, train_bpe_tokenizer
+from ..data import ValueBatch
+from ..models import (
+    ModelConfig,
+    PolicyModel,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    masked_logprobs,
+    train_bpe_tokenizer,
+)
 from ..trainer import parallel
 
 
@@ -37,3 +46,14 @@ def trainable_policy(cfg: ModelConfig, tokenizer, device: torch.device, parallel
             raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
         parallel.shard(policy, policy.hf_model)
     return policy
+
+
+def sequence_logprobs(policy: PolicyModel, batch: ValueBatch) -> torch.Tensor:
+    """``[B]`` fp32: each row's summed log-prob of its response tokens, from the final hidden states (only
+    the response positions go through the LM head)."""
+    targets = batch.input_ids[:, 1:]
+
+    def head(hidden, weight, bias):
+        return masked_logprobs(hidden[:, :-1], weight, bias, targets, batch.mask).sum(-1)
+
+    return policy(batch.input_ids, batch.attention_mask, head)

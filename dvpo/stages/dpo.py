@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..config import ConfigError, option, section
 from ..data import EncodedSequence, ValueBatch, ValueExample, collate_values
-from ..models import ModelConfig, PolicyModel, masked_logprobs
+from ..models import ModelConfig, PolicyModel
 from ..objectives import implicit_rewards, preference_loss, value_incentive
 from ..rl import frozen_policy
 from ..trainer import (
@@ -48,7 +48,7 @@ from ..trainer import (
     trainable_parameters,
     use_bf16,
 )
-from .common import trainable_policy
+from .common import sequence_logprobs, trainable_policy
 from .gvm import PairDataConfig, prepare_data
 from .registry import register_stage
 
@@ -111,16 +111,6 @@ class PreferenceExample:
 def collate_rows(sequences: list[EncodedSequence], pad_token_id: int) -> ValueBatch:
     """One right-padded row per sequence, in order."""
     return collate_values([ValueExample((s,), (0.0,)) for s in sequences], pad_token_id)
-
-
-def sequence_logprobs(policy: PolicyModel, batch: ValueBatch) -> Tensor:
-    """``[B]`` fp32: each row's log-prob of its response tokens, summed, from the final hidden states."""
-    targets = batch.input_ids[:, 1:]
-
-    def head(hidden, weight, bias):
-        return masked_logprobs(hidden[:, :-1], weight, bias, targets, batch.mask).sum(-1)
-
-    return policy(batch.input_ids, batch.attention_mask, head)
 
 
 @torch.no_grad()

@@ -21,14 +21,13 @@ from ..data import (
     DataStats,
     Demonstration,
     Encoder,
-    ValueBatch,
     ValueExample,
     collate_values,
     read_demonstrations,
     render_prompt,
     render_response,
 )
-from ..models import ModelConfig, PolicyModel, masked_logprobs
+from ..models import ModelConfig
 from ..trainer import (
     EpochBatches,
     TrainConfig,
@@ -44,7 +43,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
-from .common import hold_out, stage_tokenizer, trainable_policy
+from .common import hold_out, sequence_logprobs, stage_tokenizer, trainable_policy
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -80,16 +79,6 @@ def encode_demonstrations(demos: list[Demonstration], encoder: Encoder) -> list[
         if seqs is not None:
             out.append(ValueExample(tuple(seqs), (0.0,)))
     return out
-
-
-def response_nll(policy: PolicyModel, batch: ValueBatch) -> torch.Tensor:
-    """``[B]``: each row's summed NLL of its response tokens (fp32)."""
-    targets = batch.input_ids[:, 1:]
-
-    def head(hidden, weight, bias):
-        return -masked_logprobs(hidden[:, :-1], weight, bias, targets, batch.mask).sum(-1)
-
-    return policy(batch.input_ids, batch.attention_mask, head)
 
 
 @register_stage("sft", SFTStageConfig, "supervised fine-tuning on demonstrations (the reference policy)",
@@ -138,7 +127,7 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
         for m in range(0, len(indices), micro):
             (part,) = batch.select(list(range(m, min(len(indices), m + micro))))
             with autocast(device, bf16):
-                loss = response_nll(policy, part).sum() / normalizer
+                loss = -sequence_logprobs(policy, part).sum() / normalizer
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = apply_update(params, optimizer, scheduler, t.max_grad_norm)
@@ -156,7 +145,7 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
             batch = collate_values(shard[start:start + per_rank], pad).to(device)
             w = torch.tensor(weights[start:start + per_rank], dtype=torch.float64, device=device)
             with autocast(device, bf16):
-                nll = response_nll(policy, batch).double()
+                nll = -sequence_logprobs(policy, batch).double()
             totals += torch.stack([(nll * w).sum(), (batch.mask.sum(-1).double() * w).sum()])
         policy.train()
         distributed.all_reduce_(totals)
