@@ -20,6 +20,7 @@ import dvpo_kernels as dk
 
 from .build import DTYPES, attn_implementation, config_from_fields
 from .config import ModelConfig
+from .wrapper import HFWrapper
 
 HeadFn = Callable[[Tensor, Tensor, Tensor | None], object]
 
@@ -44,22 +45,8 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, device: torch.device) -> nn.Modu
     return model.to(device)
 
 
-class PolicyModel(nn.Module):
-    """Wraps a Hugging Face causal LM (possibly a PEFT LoRA model)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    @property
-    def hf_model(self) -> nn.Module:
-        """The ``*ForCausalLM`` (under LoRA: with the adapters in it); what generation runs."""
-        return self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
-
-    @property
-    def backbone(self) -> nn.Module:
-        hf = self.hf_model
-        return getattr(hf, hf.base_model_prefix)
+class PolicyModel(HFWrapper):
+    """Wraps a Hugging Face causal LM (possibly a PEFT LoRA model); ``hf_model`` is what generation runs."""
 
     @property
     def lm_head(self) -> nn.Linear:

@@ -8,26 +8,14 @@ from torch import Tensor, nn
 
 import dvpo_kernels as dk
 
+from .wrapper import HFWrapper
 
-class ValueModel(nn.Module):
+
+class ValueModel(HFWrapper):
     """Wraps a Hugging Face ``*ForTokenClassification`` with one label (its ``score`` head is the value
     head), possibly inside a PEFT LoRA model. ``forward`` returns the value at every position,
     computed by ``dvpo_kernels.value_head`` in fp32 whatever the compute dtype; the numbers are
     those of the wrapped model's own forward (its logits)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    @property
-    def hf_model(self) -> nn.Module:
-        """The ``*ForTokenClassification`` itself (under LoRA: with the adapters in it)."""
-        return self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
-
-    @property
-    def backbone(self) -> nn.Module:
-        hf = self.hf_model
-        return getattr(hf, hf.base_model_prefix)
 
     @property
     def head(self) -> nn.Linear:

@@ -20,13 +20,9 @@ import torch
 import dvpo_kernels as dk
 
 from ..config import ConfigError, option, section
-from ..models import ModelConfig, load_tokenizer
+from ..models import load_tokenizer
 from ..rl import (
-    ActorConfig,
     Experience,
-    KLConfig,
-    PromptDataConfig,
-    RolloutConfig,
     RolloutStep,
     Timer,
     check_same_vocabulary,
@@ -37,7 +33,7 @@ from ..rl import (
 )
 from ..trainer import TrainConfig, Trainer, distributed
 from .registry import register_stage
-from .rl_setup import ReferenceConfig, check_rl_config, setup_rl
+from .rl_setup import RLStageConfig, setup_rl
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +57,10 @@ class GVMCriticConfig:
 
 
 @dataclass
-class DVPOStageConfig:
-    model: ModelConfig = section(ModelConfig, "the policy, initialised from model.path (normally the SFT model)")
-    ref: ReferenceConfig = section(ReferenceConfig, "the frozen reference policy of the KL term")
-    gvm: GVMCriticConfig = section(GVMCriticConfig, "the frozen Global Value Model and the advantage recipe")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
-    rollout: RolloutConfig = section(RolloutConfig, "generation")
-    actor: ActorConfig = section(ActorConfig, "the policy update")
-    kl: KLConfig = section(KLConfig, "the KL penalty to the reference")
+class DVPOStageConfig(RLStageConfig):
     train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/dvpo", batch_size=32, lr=1e-6),
                                  "optimisation (train.batch_size = prompts per step), logging, checkpoints")
-
-    def validate(self) -> None:
-        check_rl_config(self.model, self.ref, self.actor, self.train)
+    gvm: GVMCriticConfig = section(GVMCriticConfig, "the frozen Global Value Model and the advantage recipe")
 
 
 class DVPOStep(RolloutStep):

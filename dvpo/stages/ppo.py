@@ -25,11 +25,7 @@ import dvpo_kernels as dk
 from ..config import ConfigError, option, section
 from ..models import ModelConfig, ValueModel, load_token_value_model, load_tokenizer
 from ..rl import (
-    ActorConfig,
     Experience,
-    KLConfig,
-    PromptDataConfig,
-    RolloutConfig,
     RolloutStep,
     Timer,
     batch_whiten,
@@ -52,7 +48,7 @@ from ..trainer import (
     trainable_parameters,
 )
 from .registry import register_stage
-from .rl_setup import ReferenceConfig, check_rl_config, setup_rl
+from .rl_setup import RLStageConfig, setup_rl
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +81,11 @@ class CriticConfig:
 
 
 @dataclass
-class PPOStageConfig:
-    model: ModelConfig = section(ModelConfig, "the policy, initialised from model.path (normally the SFT model)")
-    ref: ReferenceConfig = section(ReferenceConfig, "the frozen reference policy of the KL term")
-    reward: RewardConfig = section(RewardConfig, "the frozen reward model")
-    critic: CriticConfig = section(CriticConfig, "the online critic and GAE")
-    data: PromptDataConfig = section(PromptDataConfig, "prompts")
-    rollout: RolloutConfig = section(RolloutConfig, "generation")
-    actor: ActorConfig = section(ActorConfig, "the policy and critic updates (epochs, mini-batches, kernels)")
-    kl: KLConfig = section(KLConfig, "the KL penalty to the reference")
+class PPOStageConfig(RLStageConfig):
     train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/ppo", batch_size=32, lr=1e-6),
                                  "optimisation (train.batch_size = prompts per step), logging, checkpoints")
-
-    def validate(self) -> None:
-        check_rl_config(self.model, self.ref, self.actor, self.train)
+    reward: RewardConfig = section(RewardConfig, "the frozen reward model")
+    critic: CriticConfig = section(CriticConfig, "the online critic and GAE")
 
 
 class ActorCritic(torch.nn.Module):

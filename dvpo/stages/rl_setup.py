@@ -8,10 +8,19 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, option
+from ..config import ConfigError, option, section
 from ..data import DataStats, Encoder, read_prompts
 from ..models import ModelConfig, PolicyModel, load_tokenizer
-from ..rl import ActorConfig, ActorUpdater, PromptDataConfig, encode_prompts, frozen_policy, updates_per_step
+from ..rl import (
+    ActorConfig,
+    ActorUpdater,
+    KLConfig,
+    PromptDataConfig,
+    RolloutConfig,
+    encode_prompts,
+    frozen_policy,
+    updates_per_step,
+)
 from ..trainer import (
     EpochBatches,
     TrainConfig,
@@ -107,6 +116,23 @@ def setup_rl(cfg, parallel_mode: str, actor_steps_skipped: int = 0) -> RLSetup:
              total_steps, t.batch_size, device, ", bf16" if bf16 else "")
     return RLSetup(device, bf16, tokenizer, prompts, eval_prompts, policy, reference, batches, total_steps, per_rank,
                    micro, optimizer, scheduler, actor)
+
+
+@dataclass
+class RLStageConfig:
+    """The sections every on-policy stage has; a stage adds its critic's and its own ``train`` defaults."""
+
+    model: ModelConfig = section(ModelConfig, "the policy, initialised from model.path (normally the SFT model)")
+    ref: ReferenceConfig = section(ReferenceConfig, "the frozen reference policy of the KL term")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts")
+    rollout: RolloutConfig = section(RolloutConfig, "generation")
+    actor: ActorConfig = section(ActorConfig, "the policy update (and a critic's: epochs, mini-batches, kernels)")
+    kl: KLConfig = section(KLConfig, "the KL penalty to the reference")
+    train: TrainConfig = section(lambda: TrainConfig(output_dir="runs/rl", batch_size=32, lr=1e-6),
+                                 "optimisation (train.batch_size = prompts per step), logging, checkpoints")
+
+    def validate(self) -> None:
+        check_rl_config(self.model, self.ref, self.actor, self.train)
 
 
 def check_rl_config(model: ModelConfig, ref: ReferenceConfig, actor: ActorConfig, train: TrainConfig) -> None:
