@@ -165,3 +165,17 @@ def test_dvpo_with_lora_uses_the_adapter_free_base_as_reference(sft_model, gvm_m
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # adapters merged on export
     assert type(merged).__name__ == "LlamaForCausalLM"
+
+
+def test_responses_that_end_at_once_train_without_error(sft_model, gvm_model, tmp_path, monkeypatch):
+    """Every row samples EOS first: one-token responses, zero-variance values, still a finite step."""
+    import dvpo.rollout as rollout_module
+
+    eos = load_tokenizer(str(sft_model)).eos_token_id
+    monkeypatch.setattr(rollout_module, "sample_tokens",
+                        lambda logits, **kw: torch.full(logits.shape[:1], eos, dtype=torch.long, device=logits.device))
+    run_stage("dvpo", "dvpo_tiny", tmp_path, **dvpo_overrides(sft_model, gvm_model, **{"train.max_steps": "1"}))
+    row = [r for r in metrics(tmp_path) if "actor/pg_loss" in r][0]
+    assert row["response_length/mean"] == 1.0 and row["response_length/clip_ratio"] == 0.0
+    assert row["actor/skipped_updates"] == 0.0 and row["critic/advantages/mean"] == 0.0
+    assert not any(isinstance(v, str) for v in row.values())  # NaN/Inf would be logged as strings
