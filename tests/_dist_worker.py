@@ -1,5 +1,6 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_distributed.py: a short dvpo run, then a check that
-every rank holds the same full weights. Args: output dir, train.parallel, sft folder, gvm folder, HH file."""
+every rank holds the same full weights. Args: output dir, train.parallel (``fsdp+frozen``: also shard the
+frozen reference and GVM), sft folder, gvm folder, HH file."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
         return captured["policy"]
 
     rl_setup.trainable_policy = capture
-    overrides = {"train.output_dir": out, "train.parallel": mode, "train.progress_bar": "false",
+    overrides = {"train.output_dir": out, "train.parallel": mode.split("+")[0],
+                 "train.shard_frozen": str(mode.endswith("+frozen")), "train.progress_bar": "false",
                  "train.device": "cpu", "model.path": sft, "gvm.path": gvm, "data.prompts": hh, "data.limit": "40",
                  "data.max_prompt_length": "24", "data.eval_size": "3", "data.eval_fraction": "0.075", "rollout.max_new_tokens": "6",
                  "train.batch_size": "4", "actor.mini_batch_size": "2", "train.max_steps": "2",

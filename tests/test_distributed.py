@@ -1,4 +1,5 @@
-"""Two gloo processes on CPU: dvpo under torchrun with FSDP2 and with replicas; every rank ends with the
+"""Two gloo processes on CPU: dvpo under torchrun with FSDP2 (the policy alone, or the frozen reference and
+GVM too) and with replicas; every rank ends with the
 same weights, the sharded run trains the same model as the replicated one, evaluation with uneven shares
 does not hang, and batch whitening uses every rank's rows."""
 from __future__ import annotations
@@ -30,9 +31,11 @@ def torchrun(out: Path, mode: str, sft: Path, gvm: Path) -> dict:
 def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):
     fsdp = torchrun(tmp_path / "fsdp", "fsdp", sft_model, gvm_model)
     replicas = torchrun(tmp_path / "replicate", "replicate", sft_model, gvm_model)
+    all_sharded = torchrun(tmp_path / "fsdp_frozen", "fsdp+frozen", sft_model, gvm_model)
     common = {"max_rank_difference": 0.0, "world_size": 2, "whiten_error_below_1e-5": True}
     assert fsdp == {**common, "sharded": True}
     assert replicas == {**common, "sharded": False}
+    assert all_sharded == {**common, "sharded": True}
     # 3 held-out prompts over 2 ranks: the shorter share is padded, the mean counts real prompts only
     evals = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
     assert evals["eval/prompts"] == 3
@@ -41,7 +44,9 @@ def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):
     start = load_file(str(sft_model / "model.safetensors"))
     assert a.keys() == b.keys() == start.keys()
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    c = load_file(str(tmp_path / "fsdp_frozen" / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
     saved = json.loads((tmp_path / "fsdp" / "global_step_2" / "trainer_state.json").read_text())
     assert saved["step"] == 2

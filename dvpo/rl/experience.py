@@ -15,6 +15,7 @@ from torch import Tensor
 from ..data import Encoder, PromptRecord, truncate
 from ..models import PolicyModel, ValueModel, masked_logprobs
 from ..rollout import Rollout
+from ..trainer import parallel
 from .unfused import logits_logprobs
 
 
@@ -122,7 +123,8 @@ def value_states(model: ValueModel, exp: Experience, *, micro: int) -> tuple[Ten
     last = exp.prompt_len + torch.tensor(exp.lengths, device=exp.sequences.device) - 1
     for rows in micro_batches(exp.batch_size, micro):
         part = exp.select(rows)
-        hidden = model.hidden_states(part.sequences, part.attention_mask, part.position_ids)
+        with parallel.gathered_root(model):  # hidden_states runs the backbone, not the wrapper's forward
+            hidden = model.hidden_states(part.sequences, part.attention_mask, part.position_ids)
         if states is None:
             states = hidden.new_zeros(exp.mask.shape + hidden.shape[-1:])
             final = hidden.new_zeros(exp.batch_size, hidden.shape[-1])

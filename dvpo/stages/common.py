@@ -10,6 +10,7 @@ from ..data import ValueBatch
 from ..models import (
     ModelConfig,
     PolicyModel,
+    ValueModel,
     apply_lora,
     load_causal_lm,
     load_tokenizer,
@@ -44,8 +45,19 @@ def trainable_policy(cfg: ModelConfig, tokenizer, device: torch.device, parallel
     if parallel.use_fsdp(parallel_mode):
         if cfg.lora_r > 0:
             raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
-        parallel.shard(policy, policy.hf_model)
+        parallel.shard(policy, policy.hf_model, _no_head)
     return policy
+
+
+def _no_head(hidden, weight, bias) -> None:
+    return None
+
+
+def shard_frozen(model: PolicyModel | ValueModel, parallel_mode: str, enabled: bool):
+    """A frozen model sharded with FSDP2 too when asked (``train.shard_frozen`` under torchrun)."""
+    if enabled and parallel.use_fsdp(parallel_mode):
+        parallel.shard(model, model.hf_model, *((_no_head,) if isinstance(model, PolicyModel) else ()))
+    return model
 
 
 def sequence_logprobs(policy: PolicyModel, batch: ValueBatch) -> torch.Tensor:

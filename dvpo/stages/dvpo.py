@@ -31,7 +31,8 @@ from ..rl import (
     batch_whiten,
     value_states,
 )
-from ..trainer import TrainConfig, Trainer, distributed
+from ..trainer import TrainConfig, Trainer, distributed, parallel
+from .common import shard_frozen
 from .registry import register_stage
 from .rl_setup import RLStageConfig, setup_rl
 
@@ -71,6 +72,7 @@ class DVPOStep(RolloutStep):
         self.gvm, self.gvm_cfg = gvm, gvm_cfg
 
     def terminal_scores(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The GVM's value of each final state; call with the GVM's root gathered."""
         head = self.gvm.head
         return dk.value_head(final_hidden, head.weight, head.bias)
 
@@ -78,7 +80,7 @@ class DVPOStep(RolloutStep):
         g, head = self.gvm_cfg, self.gvm.head
         with timer("values"), self.autocast():
             states, final = value_states(self.gvm, exp, micro=self.micro)
-        with timer("adv"):
+        with timer("adv"), parallel.gathered_root(self.gvm):  # the head's weights, when the GVM is sharded
             exp.scores = self.terminal_scores(final) if g.score == "gvm_terminal" else None
             # Batch statistics span all ranks: with several, batch value norm and advantage whitening
             # are done here with global statistics instead of inside the per-rank op.
@@ -104,7 +106,8 @@ class DVPOStep(RolloutStep):
     def eval_scores(self, exp: Experience) -> dict[str, torch.Tensor]:
         with self.autocast():
             _, final = value_states(self.gvm, exp, micro=self.micro)
-        return {"eval/gvm_final_value": self.terminal_scores(final)}
+        with parallel.gathered_root(self.gvm):
+            return {"eval/gvm_final_value": self.terminal_scores(final)}
 
 
 @register_stage("dvpo", DVPOStageConfig, "policy training with a frozen GVM critic (DVPO)",
@@ -114,7 +117,8 @@ def run(cfg: DVPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     is added to the evaluation when given."""
     s = setup_rl(cfg, cfg.train.parallel)
     check_same_vocabulary(s.tokenizer, load_tokenizer(cfg.gvm.path), f"the GVM at {cfg.gvm.path}")
-    gvm = frozen_value_model(cfg.gvm.path, s.tokenizer, s.device, s.bf16)
+    gvm = shard_frozen(frozen_value_model(cfg.gvm.path, s.tokenizer, s.device, s.bf16), cfg.train.parallel,
+                       cfg.train.shard_frozen)
     step = DVPOStep(gvm=gvm, gvm_cfg=cfg.gvm, policy=s.policy, reference=s.reference, prompts=s.prompts,
                     tokenizer=s.tokenizer, rollout=cfg.rollout, kl=cfg.kl, actor=s.actor, micro=s.micro,
                     seed=cfg.train.seed, device=s.device, bf16=s.bf16)

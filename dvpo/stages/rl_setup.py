@@ -33,7 +33,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
-from .common import hold_out, trainable_policy
+from .common import hold_out, shard_frozen, trainable_policy
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def setup_rl(cfg, parallel_mode: str, actor_steps_skipped: int = 0) -> RLSetup:
     policy = trainable_policy(cfg.model, tokenizer, device, parallel_mode)
     reference = None
     if cfg.model.lora_r == 0 or cfg.ref.path is not None:
-        reference = frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16)
+        reference = shard_frozen(frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16),
+                                 parallel_mode, t.shard_frozen)
 
     batches = EpochBatches(len(prompts), t.batch_size, seed=t.seed)
     total_steps = t.max_steps or batches.steps_for(t.epochs)

@@ -33,6 +33,8 @@ class TrainConfig:
     parallel: Literal["auto", "fsdp", "replicate"] = option(
         "auto", "under torchrun: shard the trained model with FSDP2 (fsdp) or keep full replicas and average "
                 "gradients (replicate); auto = fsdp for stages that support it")
+    shard_frozen: bool = option(False, "with FSDP2, shard the frozen reference and GVM too (dvpo): less memory per "
+                                       "rank, one more all-gather per layer of their forwards")
     log_every: int = option(1, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = option(0, "steps between evaluations (0 = only at the end)")
     save_every: int = option(0, "steps between checkpoints global_step_N/, plus one at the last step "

@@ -42,18 +42,18 @@ def use_fsdp(mode: str) -> bool:
     return distributed.is_distributed() and mode in ("auto", "fsdp")
 
 
-def shard(wrapper: nn.Module, hf_model: nn.Module) -> nn.Module:
+def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
     """``fully_shard`` each decoder layer of ``hf_model``, then ``wrapper`` as the root.
 
-    One token goes through the wrapper's forward at once: FSDP2 sets its root up on the first forward
-    it sees, and that must be the wrapper's, not a layer's reached first by generation."""
+    One token goes through ``wrapper(ids, mask, *forward_args)`` at once: FSDP2 sets its root up on the
+    first forward it sees, and that must be the wrapper's, not a layer's reached first by generation."""
     for layer in decoder_layers(hf_model):
         fully_shard(layer)
     fully_shard(wrapper)
     device = next(hf_model.parameters()).device
     one = torch.ones(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        wrapper(one, one, lambda hidden, weight, bias: None)
+        wrapper(one, one, *forward_args)
     wrapper.reshard()  # the root keeps its parameters gathered after a forward; the optimizer needs the shards
     return wrapper
 
