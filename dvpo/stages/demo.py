@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 
 from ..config import ConfigError, option, section
@@ -282,7 +283,8 @@ def report(cfg: DemoConfig, root: Path, task: OracleTask, sft: Path, eval_prompt
         accuracy["gvm_pair_acc"] = json.loads((gvm.parent / "eval.json").read_text())["eval/pair_acc_last"]
     if rm is not None:
         accuracy["rm_pair_acc"] = json.loads((rm.parent / "eval.json").read_text())["eval/pair_acc"]
-    result = {"device": str(device), "torch": torch.__version__, "optimum_reward": optimum, "methods": rows,
+    result = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+              "git_sha": _git_sha(), "optimum_reward": optimum, "methods": rows,
               "accuracy": accuracy, "curves": curves,
               "stage_seconds": {k: v["seconds"] for k, v in records.items()}}
     (root / "results.json").write_text(json.dumps(result, indent=2))
@@ -302,9 +304,19 @@ def report(cfg: DemoConfig, root: Path, task: OracleTask, sft: Path, eval_prompt
     return result
 
 
+def _git_sha() -> str:
+    """The commit of the code that ran, when it runs from a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def markdown_table(result: dict) -> str:
-    lines = [f"Oracle task, {len(result['methods']) - 1} methods from the same SFT policy "
-             f"(device {result['device']}, torch {result['torch']}); oracle optimum {result['optimum_reward']:.3f}.",
+    lines = [f"Oracle task, {len(result['methods']) - 1} methods from the same SFT policy (device "
+             f"{result['device']}, torch {result['torch']}, transformers {result['transformers']}, git "
+             f"{result['git_sha'][:12]}); oracle optimum {result['optimum_reward']:.3f}.",
              "", "| method | oracle reward | KL to ref | response length | s / step | peak memory |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in result["methods"].items():
