@@ -151,6 +151,14 @@ def parse_preference(record: dict, where: str) -> tuple[Prompt, str, str]:
     raise DataError(where, "'chosen' and 'rejected' must both be strings or both lists of messages")
 
 
+def _prompt_and_response(record: dict, where: str) -> tuple[Prompt, str]:
+    """A record's ``prompt`` and ``response``; a text prompt answered by a message becomes a user message."""
+    prompt = _prompt(record["prompt"], where)
+    if isinstance(prompt, str) and isinstance(record["response"], list):
+        prompt = [{"role": "user", "content": prompt}]
+    return prompt, _response(record["response"], where, "response")
+
+
 def _is_empty(prompt: Prompt) -> bool:
     return not prompt.strip() if isinstance(prompt, str) else not any(m["content"].strip() for m in prompt)
 
@@ -195,10 +203,7 @@ def read_scored(paths, stats: DataStats | None = None, limit: int = 0) -> list[S
         reward = record["reward"]
         if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
             raise DataError(where, f"'reward' must be a finite number, got {reward!r}")
-        prompt = _prompt(record["prompt"], where)
-        if isinstance(prompt, str) and isinstance(record["response"], list):
-            prompt = [{"role": "user", "content": prompt}]
-        response = _response(record["response"], where, "response")
+        prompt, response = _prompt_and_response(record, where)
         if not response.strip():
             stats.skip("empty response", where)
             continue
@@ -233,10 +238,7 @@ def read_demonstrations(paths, stats: DataStats | None = None, limit: int = 0) -
         stats.read += 1
         if "response" in record:
             _require(record, where, "prompt")
-            prompt = _prompt(record["prompt"], where)
-            if isinstance(prompt, str) and isinstance(record["response"], list):
-                prompt = [{"role": "user", "content": prompt}]
-            response = _response(record["response"], where, "response")
+            prompt, response = _prompt_and_response(record, where)
         elif "chosen" in record:
             prompt, response, _ = parse_preference(record, where)
         else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import ValueBatch
+from ..data import DataStats, ValueBatch
 from ..models import (
     ModelConfig,
     PolicyModel,
@@ -25,6 +25,19 @@ def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = round(len(items) * fraction)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+
+
+def read_split(read: Callable, files: list[str], eval_files: list[str], *, fraction: float, seed: int, limit: int,
+               train_stats: DataStats, eval_stats: DataStats) -> tuple[list, list]:
+    """Training records ``read(files)`` and held-out ones ``read(eval_files)``, or without those a seeded
+    ``fraction`` of the training records, moved from ``train_stats.read`` to ``eval_stats.read``."""
+    records = read(files, train_stats, limit=limit)
+    if eval_files:
+        return records, read(eval_files, eval_stats)
+    records, held = hold_out(records, fraction, seed)
+    train_stats.read -= len(held)
+    eval_stats.read = len(held)
+    return records, held
 
 
 def stage_tokenizer(cfg: ModelConfig, resume_from: Path | None, texts: Callable[[], Iterable[str]]):

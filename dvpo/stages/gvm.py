@@ -50,7 +50,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
-from .common import hold_out, stage_tokenizer
+from .common import read_split, stage_tokenizer
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,11 @@ def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
     ``data_stats.json`` in the run folder. Shared by the stages that train on preference pairs."""
     pair_stats, scored_stats, eval_stats = DataStats("train pairs"), DataStats("scored"), DataStats("eval pairs")
     scored_files = d.scored if isinstance(d, GVMDataConfig) else []
-    pairs = read_preference_pairs(d.pairs, pair_stats, limit=d.limit) if d.pairs else []
+    pairs, eval_pairs = read_split(read_preference_pairs, d.pairs, d.eval_pairs, fraction=d.eval_fraction,
+                                   seed=train.seed, limit=d.limit, train_stats=pair_stats, eval_stats=eval_stats)
+    if not d.eval_pairs:
+        pair_stats.notes["pairs held out for evaluation"] = len(eval_pairs)
     scored = read_scored(scored_files, scored_stats, limit=d.limit) if scored_files else []
-    if d.eval_pairs:
-        eval_pairs = read_preference_pairs(d.eval_pairs, eval_stats)
-    else:
-        pairs, eval_pairs = hold_out(pairs, d.eval_fraction, train.seed)
-        pair_stats.read -= len(eval_pairs)
-        pair_stats.notes["pairs held out for evaluation"] = eval_stats.read = len(eval_pairs)
     tokenizer = stage_tokenizer(model, resume_from, lambda: _texts(pairs, scored))
     kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
     examples = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))

@@ -33,7 +33,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
-from .common import hold_out, shard_frozen, trainable_policy
+from .common import read_split, shard_frozen, trainable_policy
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,8 @@ class ReferenceConfig:
 def prompt_sets(data: PromptDataConfig, encoder: Encoder, seed: int, out_dir: Path):
     """Encoded training and held-out prompts; what was skipped is reported and saved."""
     train_stats, eval_stats = DataStats("train prompts"), DataStats("eval prompts")
-    records = read_prompts(data.prompts, train_stats, limit=data.limit)
-    if data.eval_prompts:
-        held = read_prompts(data.eval_prompts, eval_stats)
-    else:
-        records, held = hold_out(records, data.eval_fraction, seed)
-        train_stats.read -= len(held)
-        eval_stats.read = len(held)
+    records, held = read_split(read_prompts, data.prompts, data.eval_prompts, fraction=data.eval_fraction, seed=seed,
+                               limit=data.limit, train_stats=train_stats, eval_stats=eval_stats)
     for stats in (train_stats, eval_stats):
         stats.report()
     write_json(out_dir / "data_stats.json", {s.name: s.as_dict() for s in (train_stats, eval_stats)})

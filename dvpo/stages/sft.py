@@ -43,7 +43,7 @@ from ..trainer import (
     use_bf16,
     write_json,
 )
-from .common import hold_out, sequence_logprobs, stage_tokenizer, trainable_policy
+from .common import read_split, sequence_logprobs, stage_tokenizer, trainable_policy
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,8 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
     resume_from = resolve_resume(t.resume, t.output_dir)
 
     train_stats, eval_stats = DataStats("train demonstrations"), DataStats("eval demonstrations")
-    demos = read_demonstrations(cfg.data.train, train_stats, limit=cfg.data.limit)
-    if cfg.data.eval:
-        held = read_demonstrations(cfg.data.eval, eval_stats)
-    else:
-        demos, held = hold_out(demos, cfg.data.eval_fraction, t.seed)
-        train_stats.read -= len(held)
-        eval_stats.read = len(held)
+    demos, held = read_split(read_demonstrations, cfg.data.train, cfg.data.eval, fraction=cfg.data.eval_fraction,
+                             seed=t.seed, limit=cfg.data.limit, train_stats=train_stats, eval_stats=eval_stats)
     tokenizer = stage_tokenizer(cfg.model, resume_from, lambda: (
         render_prompt(d.prompt, None, "plain") + render_response(d.prompt, d.response, "plain") for d in demos))
     kw = {"template": cfg.data.template, "max_length": cfg.data.max_length,
