@@ -17,12 +17,14 @@ the static path, and falls back to ``eager`` with a warning if graph capture fai
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import Cache, CacheLayerMixin
 
 log = logging.getLogger(__name__)
 
@@ -116,37 +118,94 @@ def sample_tokens(
     return (probs / noise).argmax(dim=-1)
 
 
-class _StaticKVCache:
-    """Preallocated K/V of every layer, written at ``write_pos`` (a device scalar, so a graph replays it).
+class _SlotLayer(CacheLayerMixin):
+    """One layer's preallocated K/V, written at the cache's shared ``write_pos`` (a device scalar, so a captured
+    graph replays the write at the current slot). Buffers are allocated on the first update, from the shapes the
+    model actually produces (head counts and head dims differ between architectures and config spellings).
+    ``update`` takes whatever else the attention call passes (``cache_kwargs``, ``kwargs=``, ...): positions come
+    from ``write_pos``, never from those arguments."""
 
-    It provides the part of transformers' ``Cache`` interface that decoder layers use once position ids and
-    a 4-D mask are given: ``update`` (returns the whole buffer; the mask hides unwritten slots) and
-    ``get_seq_length``. Buffers are allocated on the first update, from the key/value shapes the model
-    actually produces (head counts and head dims differ between architectures and config spellings).
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: "_StaticKVCache"):
+        super().__init__()
+        # Set here rather than trusting the base class: which of these it sets differs between releases.
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._cache = cache
+        self.writes = 0  # host-side count, read by the protocol check after prefill
+
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, self._cache.max_len, d)
+        self.values = value_states.new_zeros(b, value_states.shape[1], self._cache.max_len, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self._cache.write_pos + self._cache.offsets[: key_states.shape[-2]]
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.writes += 1
+        return self.keys, self.values
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self._cache.max_len, 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self._cache.seen
+
+    def get_max_length(self) -> int:
+        return self._cache.max_len
+
+    def get_max_cache_shape(self) -> int:
+        return self._cache.max_len
+
+
+class _StaticKVCache(Cache):
+    """Preallocated K/V of every layer behind transformers' public ``Cache`` class.
+
+    Decoder layers only call ``update`` (returning the whole buffer; our 4-D mask hides unwritten slots) once
+    position ids and a 4-D mask are given, so ``update`` accepts any extra arguments the attention call passes:
+    releases that add keywords (5.24's ``kwargs=``) do not break it. That the model really wrote through this
+    cache is checked after every prefill (`check_protocol`), so a release that bypasses it fails loudly.
     """
 
     def __init__(self, max_len: int, device: torch.device):
         self.max_len = max_len
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
         self.write_pos = torch.zeros((), dtype=torch.long, device=device)
         self.seen = 0  # host-side mirror of write_pos for get_seq_length
-        self._offsets = torch.arange(max_len, device=device)
+        self.offsets = torch.arange(max_len, device=device)
+        super().__init__(layers=[])  # one layer per attention layer, added on its first update
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx not in self.keys:
-            b, h, _, d = key_states.shape
-            self.keys[layer_idx] = key_states.new_zeros(b, h, self.max_len, d)
-            self.values[layer_idx] = value_states.new_zeros(
-                b, value_states.shape[1], self.max_len, value_states.shape[-1]
-            )
-        slots = self.write_pos + self._offsets[: key_states.shape[-2]]
-        self.keys[layer_idx].index_copy_(2, slots, key_states)
-        self.values[layer_idx].index_copy_(2, slots, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_SlotLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def get_seq_length(self, layer_idx: int = 0, *args, **kwargs) -> int:
         return self.seen
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_len, 0
+
+    def reset_write_counts(self) -> None:
+        for layer in self.layers:
+            layer.writes = 0
+
+    def check_protocol(self, error: Exception | None = None) -> None:
+        """Every attention layer wrote exactly once since `reset_write_counts` (``error``: what the forward
+        raised, when it did -- a model that never wrote through the cache fails on the mask's shape first)."""
+        writes = [layer.writes for layer in self.layers]
+        if not writes or any(w != 1 for w in writes):
+            import transformers
+
+            raise RuntimeError(
+                f"rollout: transformers {transformers.__version__} did not write through the rollout KV cache "
+                f"(writes per layer: {writes}); its Cache protocol changed. Use engine='hf' meanwhile."
+            ) from error
 
 
 class _DecodeState:
@@ -175,6 +234,13 @@ def _inference(model: torch.nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes a cache: ``cache`` from transformers 5.24 on (``past_key_values`` is a
+    deprecated alias there), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def _attn_implementation(model) -> str | None:
@@ -222,6 +288,7 @@ class RolloutEngine:
         self._state: _DecodeState | None = None
         self._state_key: tuple | None = None
         self._sharded = False
+        self._cache_kw = _cache_keyword(model)
 
     def release(self) -> None:
         """Drop the KV cache and captured graph (they hold memory between calls)."""
@@ -308,7 +375,7 @@ class RolloutEngine:
             input_ids=input_ids,
             attention_mask=self._mask(allowed),
             position_ids=position_ids,
-            past_key_values=state.cache,
+            **{self._cache_kw: state.cache},
             use_cache=False,
             logits_to_keep=1,
         )
@@ -324,7 +391,13 @@ class RolloutEngine:
         k = torch.arange(state.key_ok.shape[1], device=ids.device)[None, :]
         # Causal over real tokens; a pad query also sees itself so that no row is fully masked (NaN in SDPA).
         allowed = (state.key_ok[:, None, :] & (k <= q)) | (k == q)
-        logits = self._forward(state, ids, position_ids_from_mask(mask), allowed[:, None])
+        state.cache.reset_write_counts()
+        try:
+            logits = self._forward(state, ids, position_ids_from_mask(mask), allowed[:, None])
+        except Exception as err:
+            state.cache.check_protocol(err)
+            raise
+        state.cache.check_protocol()
         state.cache.write_pos.fill_(plen)
         state.cache.seen = plen
         state.position_ids.copy_(mask.sum(dim=1, keepdim=True))

@@ -334,3 +334,39 @@ def test_cuda_graph_is_reused_across_calls(cuda_model):
     second = engine.generate(prompts, **kw)
     assert engine._state.graph is graph
     assert torch.equal(second.sequences, generate(cuda_model, prompts, engine="eager", **kw).sequences)
+
+
+# -- the transformers Cache protocol ----------------------------------------------------------------------------
+
+
+def test_cache_is_a_transformers_cache_and_takes_any_update_arguments():
+    from dvpo.rollout import _StaticKVCache
+
+    cache = _StaticKVCache(8, torch.device("cpu"))
+    assert isinstance(cache, transformers.Cache)
+    k, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 6)
+    # Positional cache_kwargs (transformers 4.x), kwargs= (5.24+), and anything a later release may add.
+    keys, values = cache.update(k, v, 1, {"cache_position": torch.arange(4)}, kwargs={"x": 1}, future=True)
+    assert keys.shape == (2, 3, 8, 5) and values.shape == (2, 3, 8, 6)
+    assert torch.equal(keys[:, :, :4], k) and torch.equal(values[:, :, :4], v)
+    assert not keys[:, :, 4:].any() and len(cache.layers) == 2
+
+
+def test_a_model_that_bypasses_the_cache_fails_loudly(monkeypatch):
+    """If a transformers release stops writing through the cache we pass (a renamed keyword is swallowed by
+    ``**kwargs``), decoding would silently attend to nothing: the engine must refuse instead."""
+    import dvpo.rollout as rollout
+
+    model = _tiny("llama", "sdpa")
+    monkeypatch.setattr(rollout, "_cache_keyword", lambda model: "renamed_cache")
+    with pytest.raises(RuntimeError, match="Cache protocol changed"):
+        _greedy(model, engine="eager")
+
+
+def test_the_cache_keyword_follows_the_installed_transformers(model):
+    from dvpo.rollout import _cache_keyword
+
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    assert _cache_keyword(model) in params
