@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if "help" in flags:
             print(_stage_help(stage))
             return 0
-        cfg = load_config(stage.config_cls, config_path, overrides)
+        cfg = load_config(stage.config_cls, config_path, overrides, paths_must_exist="print-config" not in flags)
     except (ConfigError, FileNotFoundError) as err:
         print(f"dvpo {name}: error: {err}", file=sys.stderr)
         return 2

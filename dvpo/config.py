@@ -3,7 +3,8 @@
 Every stage's config is a dataclass whose fields are sections (dataclasses themselves) or
 values. A value field is declared with :func:`option`, which records its help text; ``path=True``
 marks a file-system path, resolved against the current directory when the config is loaded
-(not against the YAML file), so a config written for the repository root works from there.
+(not against the YAML file), so a config written for the repository root works from there. Input paths
+must exist once the config is loaded (:func:`check_paths`); ``output=True`` marks one the stage writes.
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``list[...]`` of
 those, and ``X | None``. Sections may define ``validate()``, called once everything is set.
 """
@@ -27,10 +28,11 @@ class ConfigError(ValueError):
     """A config key that does not exist or a value that does not fit its field."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, path: bool = False,
+def option(default: Any = dataclasses.MISSING, help: str = "", *, path: bool = False, output: bool = False,
            default_factory: Any = dataclasses.MISSING):
-    """A config field with its help text (shown by ``dvpo <stage> --help``)."""
-    meta = {"help": help, "path": path}
+    """A config field with its help text (shown by ``dvpo <stage> --help``); ``path``: a file-system path,
+    which must exist unless it is an ``output`` of the stage."""
+    meta = {"help": help, "path": path, "output": output}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -179,8 +181,24 @@ def validate(cfg) -> None:
         cfg.validate()
 
 
-def load_config(cls, path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] = ()):
-    """``cls()`` updated by the YAML file at ``path`` (a nested mapping), then by ``overrides``."""
+def check_paths(cfg, prefix: str = "") -> None:
+    """Every input path field that is set names an existing file or folder; else a ConfigError naming the
+    field and the path (a stage would otherwise fail deep inside a loader, e.g. transformers' hub code)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_paths(value, key + ".")
+        elif f.metadata.get("path") and not f.metadata.get("output") and value is not None:
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                if not os.path.exists(item):
+                    name = f"{key}[{i}]" if isinstance(value, list) else key
+                    raise ConfigError(f"{name}: no such file or folder: {item}")
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] = (), *,
+                paths_must_exist: bool = True):
+    """``cls()`` updated by the YAML file at ``path`` (a nested mapping), then by ``overrides``; validated,
+    and with ``paths_must_exist`` its input paths checked."""
     cfg = cls()
     if path is not None:
         with open(path, encoding="utf-8") as fh:
@@ -195,6 +213,8 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[tupl
     for key, value in overrides:
         set_value(cfg, key, value)
     validate(cfg)
+    if paths_must_exist:
+        check_paths(cfg)
     return cfg
 
 

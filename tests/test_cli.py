@@ -37,6 +37,8 @@ def test_yaml_then_overrides_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("inner:\n  size: 8\n  names: [x, y]\nrate: 1e-3\nfile: data/a.jsonl\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("")  # input paths must exist
     cfg = load_config(Outer, cfg_file, [("inner.size", "16"), ("cap", "3"), ("flag", "true"), ("inner.names", "a,b")])
     assert (cfg.inner.size, cfg.inner.names, cfg.rate, cfg.cap, cfg.flag) == (16, ["a", "b"], 1e-3, 3, True)
     assert cfg.file == str(tmp_path / "data" / "a.jsonl")  # relative to the current directory
@@ -97,8 +99,8 @@ def test_cli_errors_and_print_config(capsys, tmp_path):
     assert main(["gvm", "--train.lrr", "1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
     assert main([]) == 0 and "gvm" in capsys.readouterr().out
-    assert main(["gvm", "data.pairs=missing.jsonl", f"train.output_dir={tmp_path / 'run'}"]) == 1
-    assert "data file not found" in capsys.readouterr().err
+    assert main(["gvm", "data.pairs=missing.jsonl", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "data.pairs[0]: no such file or folder" in capsys.readouterr().err
     assert main(["gvm", str(REPO / "examples" / "gvm_tiny.yaml"), "--print-config", "train.lr=0.5"]) == 0
     printed = capsys.readouterr().out
     assert "lr: 0.5" in printed and "hh-rlhf-harmless-base-test.jsonl.gz" in printed

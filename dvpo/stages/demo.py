@@ -93,7 +93,8 @@ class DemoConfig:
     schedule: DemoScheduleConfig = section(DemoScheduleConfig, "training lengths and the RL settings")
     methods: list[str] = option(default_factory=lambda: list(DEFAULT_METHODS),
                                 help="which of dvpo, ppo, dpo, vpo (offline, pi_cal = chosen) to run")
-    output_dir: str = option("runs/demo", "folder for data, configs, runs, logs and the results", path=True)
+    output_dir: str = option("runs/demo", "folder for data, configs, runs, logs and the results", path=True,
+                             output=True)
     device: str = option("cpu", "cpu, cuda, or auto")
     seed: int = option(0, "training seed of every stage")
 

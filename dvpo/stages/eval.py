@@ -54,7 +54,8 @@ class JudgeConfig:
 
 @dataclass
 class EvalRunConfig:
-    output_dir: str = option("runs/eval", "folder for eval.json and samples.jsonl", path=True)
+    output_dir: str = option("runs/eval", "folder for eval.json and samples.jsonl", path=True,
+                             output=True)
     batch_size: int = option(64, "prompts per generation batch")
     seed: int = option(0, "sampling seed")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")

@@ -1,6 +1,7 @@
 """Options every training stage shares: run folder, length, optimiser, schedule, precision, saving."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,7 +11,7 @@ from ..config import ConfigError, option
 @dataclass
 class TrainConfig:
     output_dir: str = option("runs/run", "run folder: config.yaml, metrics.jsonl, global_step_N/ checkpoints, final/",
-                             path=True)
+                             path=True, output=True)
     seed: int = option(42, "seed of every random generator (model init, data order, splits)")
     epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = option(0, "training steps (one batch each); 0 = derive from epochs")
@@ -63,5 +64,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
             raise ConfigError("train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+        if self.resume not in ("auto", "none") and not os.path.isdir(self.resume):
+            raise ConfigError(f"train.resume: no such checkpoint folder: {self.resume}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
