@@ -69,7 +69,9 @@ def mask(name: str, m, shape, ref_name: str, device) -> torch.Tensor:
     return m != 0
 
 
-def targets(name: str, t, shape, ref_name: str, vocab: int, device) -> torch.Tensor:
+def targets(name: str, t, shape, ref_name: str, vocab: int, device, valid=None) -> torch.Tensor:
+    """Integer targets in [0, vocab) where ``valid`` (a bool mask) is set; elsewhere any value
+    (Hugging Face's -100) is allowed, as every op ignores the targets of masked tokens."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -77,9 +79,13 @@ def targets(name: str, t, shape, ref_name: str, vocab: int, device) -> torch.Ten
     same_shape(name, t, shape, ref_name)
     same_device(name, t, device)
     if _check_values(t) and t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"{name} must lie in [0, {vocab}) (the vocab size), got values in [{lo}, {hi}]")
+        bad = (t < 0) | (t >= vocab)
+        if valid is not None:
+            bad &= valid
+        if bool(bad.any()):
+            where = "" if valid is None else " at unmasked positions"
+            raise ValueError(f"{name} must lie in [0, {vocab}) (the vocab size){where}, got "
+                             f"{int(t[bad][0])} at flat index {int(bad.reshape(-1).nonzero()[0])}")
     return t.long()
 
 

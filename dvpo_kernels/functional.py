@@ -148,13 +148,13 @@ def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
     masked tokens cost no GEMM work. Returns (loss, metrics)."""
     _check_hidden_weight(hidden, weight, bias)
     lead, dev = hidden.shape[:-1], hidden.device
-    tgt = C.targets("targets", targets, lead, "hidden without its last dim", weight.shape[0], dev)
+    m = C.mask("mask", mask, lead, "hidden without its last dim", dev)
+    tgt = C.targets("targets", targets, lead, "hidden without its last dim", weight.shape[0], dev, valid=m)
     temperature = C.finite("temperature", temperature, lo=0.0, lo_open=True)
     C.choice("memory", memory, C.MEMORY_MODES)
     params = _loss_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, loss_agg)
     old = _per_token("old_logprobs", old_logprobs, lead, "targets", dev)
     adv = _per_token("advantages", advantages, lead, "targets", dev)
-    m = C.mask("mask", mask, lead, "targets", dev)
     ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, lead, "targets", dev)
     sd = C.stat_dtype(hidden)
     w = aggregation_weights(m, loss_agg, _normalizer(normalizer, sd, dev), sd).reshape(-1)

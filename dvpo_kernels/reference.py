@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 
-def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0):
+def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
+    """Targets where ``mask`` is 0 are ignored whatever their value (their rows read column 0)."""
+    if mask is not None:
+        targets = torch.where(mask.bool(), targets, 0)
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()

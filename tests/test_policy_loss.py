@@ -164,3 +164,12 @@ def test_frozen_head_skips_its_gradient():
     loss, _ = dk.fused_policy_loss(hidden, weight, tgt, old, adv, mask, bias=bias)
     loss.backward()
     assert hidden.grad is not None and weight.grad is None
+
+
+def test_reference_ignores_targets_at_masked_positions():
+    hidden, weight, bias, tgt = make_lm_inputs(10, 8, 17)
+    mask = torch.arange(10) % 3 != 0
+    for bad in (-100, 22):
+        lp, ent = R.linear_logprobs(hidden, weight, torch.where(mask, tgt, bad), bias, 0.9, mask=mask)
+        want_lp, want_ent = R.linear_logprobs(hidden, weight, tgt, bias, 0.9)
+        assert torch.equal(lp[mask], want_lp[mask]) and torch.equal(ent, want_ent)

@@ -274,6 +274,113 @@ def test_never_allocates_n_by_v(memory, monkeypatch):
     assert probe.largest <= max(4 * v, v * h) < n * v
 
 
+# --- targets: every block position, masked and out-of-range ------------------------------------
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_target_in_every_vocab_block_position(memory, small_tiles):
+    """V = 150 in tiles of 64: targets at both ends of the first, middle and last (partial) tile,
+    plus a row whose target logit dominates (logp rounds to 0, entropy to 0: the clamped bounds)."""
+    cols = [0, 1, 63, 64, 127, 128, 149]
+    n, v = len(cols) + 1, 150
+    hidden, weight, bias, _ = make_lm_inputs(n, 48, v, dtype=torch.float32)
+    tgt = torch.tensor(cols + [5])
+    with torch.no_grad():
+        bias[5] = 300.0
+    old, adv, _, _ = make_token_inputs((n,), dtype=torch.float32)
+    mask = torch.ones(n, dtype=torch.bool)
+    lp, ent = dk.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=0.7, return_entropy=True,
+                                 memory=memory, backend=TRITON)
+    grads = _grads(lp.sum() + ent.sum(), (hidden, weight, bias))
+    rlp, rent = R.linear_logprobs(hidden, weight, tgt, bias, 0.7)
+    rgrads = _grads(rlp.sum() + rent.sum(), (hidden, weight, bias))
+    for got, want in zip((lp, ent) + grads, (rlp, rent) + rgrads):
+        assert rel_err(got, want) < 2e-5
+    assert (lp <= 0).all() and (ent >= 0).all() and lp[-1] == 0 and ent[-1] == 0
+    loss, _ = dk.fused_policy_loss(hidden, weight, tgt, old, adv, mask, bias=bias, temperature=0.7,
+                                   entropy_coef=0.01, memory=memory, backend=TRITON)
+    want_loss, want_grads = _oracle_loss(hidden, weight, bias, tgt, 0.7, old, adv, mask, None,
+                                         dict(entropy_coef=0.01))
+    assert rel_err(loss, want_loss) < 2e-5
+    for got, want in zip(_grads(loss, (hidden, weight, bias)), want_grads):
+        assert rel_err(got, want) < 2e-5
+
+
+@pytest.mark.parametrize("backend", [TRITON, "torch"])
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("bad", [-100, 262])
+def test_targets_at_masked_positions_are_ignored(bad, memory, backend, small_tiles):
+    """-100 (Hugging Face's ignore label) or V + 5 where mask = 0: the same loss, gradients and
+    metrics as valid targets there, in fused_policy_loss and dvpo_loss."""
+    b, t, h, v = 3, 11, 48, 257
+    hidden, weight, bias, tgt = make_lm_inputs(0, h, v, lead=(b, t), dtype=torch.float32)
+    old, adv, mask, ref = make_token_inputs((b, t), dtype=torch.float32)
+    mask[1] = False
+    gvm = torch.randn(b, t, 16, generator=torch.Generator().manual_seed(2))
+    vw = torch.randn(16, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for targets in (tgt, torch.where(mask, tgt, bad)):
+        kw = dict(bias=bias, temperature=0.8, entropy_coef=0.01, memory=memory, backend=backend)
+        loss, metrics = dk.fused_policy_loss(hidden, weight, targets, old, adv, mask, ref_logprobs=ref,
+                                             kl_coef=0.1, **kw)
+        if backend == "torch":  # dvpo_loss runs its advantage ops on the same backend
+            dloss, dmetrics = dk.dvpo_loss(hidden, weight, targets, old, mask, gvm, vw, 0.1, **kw)
+            loss, metrics = loss + dloss, {**metrics, **{"dvpo_" + k: x for k, x in dmetrics.items()}}
+        runs.append((loss,) + _grads(loss, (hidden, weight, bias)) + tuple(metrics.values()))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", [TRITON, "torch"])
+def test_unchecked_out_of_range_targets_read_nothing(backend, small_tiles):
+    """Past validation (GPU tensors are not value-checked), an out-of-range target is never read:
+    its row's log-prob is NaN, the other rows are untouched and the backward stays finite."""
+    from dvpo_kernels import _backends
+
+    hidden, weight, bias, tgt = make_lm_inputs(6, 48, 150, dtype=torch.float32, grad=False)
+    bad = tgt.clone()
+    bad[1], bad[4] = -100, 155
+    fwd = _backends.impl(backend, "linear_logprobs")
+    logp, ent, lse = fwd(hidden, weight, bad, bias, 0.9, True, "speed")
+    want, _, _ = fwd(hidden, weight, tgt, bias, 0.9, True, "speed")
+    assert logp[[1, 4]].isnan().all()
+    keep = [0, 2, 3, 5]
+    assert torch.equal(logp[keep], want[keep])
+    g = torch.ones(6)
+    g[[1, 4]] = 0.0
+    bwd = _backends.impl(backend, "linear_logprobs_backward")
+    for memory in MEMORY:
+        grads = bwd(g, None, hidden, weight, bad, bias, 0.9, lse, ent, memory, (True, True, True))
+        assert all(torch.isfinite(x).all() for x in grads)
+
+
+def test_logits_rows_are_padded_to_16(small_tiles, monkeypatch):
+    """Vocab sizes that are not a multiple of 16 still get 16-element aligned rows (vector loads)."""
+    from dvpo_kernels.triton_backend import linear
+
+    strides = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                strides.append(args[1])
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for name in ("logprob_rows_kernel", "dlogits_rows_kernel", "policy_rows_kernel"):
+        monkeypatch.setattr(linear, name, Recorder(getattr(linear, name)))
+    hidden, weight, bias, tgt = make_lm_inputs(9, 48, 257, dtype=torch.float32)
+    old, adv, mask, _ = make_token_inputs((9,), dtype=torch.float32)
+    for memory in MEMORY:
+        lp = dk.linear_logprobs(hidden, weight, tgt, bias=bias, memory=memory, backend=TRITON)
+        loss, _ = dk.fused_policy_loss(hidden, weight, tgt, old, adv, mask, bias=bias, memory=memory,
+                                       backend=TRITON)
+        _grads(lp.sum() + loss, (hidden, weight, bias))
+    assert len(strides) > 4 and all(s % 16 == 0 for s in strides)
+
+
 # --- pieces ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("accumulate", [False, True])

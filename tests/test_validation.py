@@ -128,3 +128,16 @@ def test_nan_inputs_do_not_crash():
     v[0, 1] = float("inf")
     a, _ = dk.gae(v, torch.zeros(2, 3), torch.ones(2, 3))
     assert torch.isfinite(a[1]).all()
+
+
+def test_targets_are_checked_only_at_unmasked_positions():
+    h, w, t = _lm()
+    old, adv, m = _tok()
+    m[2] = False
+    t[2] = -100
+    dk.fused_policy_loss(h, w, t, old, adv, m)
+    t[3] = -100
+    with pytest.raises(ValueError, match="targets.*unmasked"):
+        dk.fused_policy_loss(h, w, t, old, adv, m)
+    with pytest.raises(ValueError, match="targets"):
+        dk.linear_logprobs(h, w, t)  # no mask: every target must be a vocab row

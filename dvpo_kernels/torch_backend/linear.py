@@ -30,10 +30,16 @@ def _logits(h, w, bias, inv_t, sd):
 
 
 def _stats(z, tgt, want_ent):
-    """Per-row log-sum-exp, target log-prob, entropy (or None) and the full log-softmax."""
+    """Per-row log-sum-exp, target log-prob, entropy (or None) and the full log-softmax.
+
+    A target outside [0, V) gets NaN: validation rejects those on CPU tensors, and on a GPU an
+    out-of-range gather index would kill the process instead.
+    """
     lse = torch.logsumexp(z, dim=-1)
     logp_all = z - lse[:, None]
-    logp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+    inside = (tgt >= 0) & (tgt < z.shape[1])
+    logp = logp_all.gather(1, torch.where(inside, tgt, 0)[:, None]).squeeze(1)
+    logp = torch.where(inside, logp, float("nan"))
     ent = None
     if want_ent:
         ent = -(logp_all.exp() * logp_all).sum(-1)

@@ -32,8 +32,15 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _work(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """The reused logits buffer of ``rows`` rows of ``width`` columns, rows padded (tiles.row_stride)."""
+    return like.new_empty(rows * tiles.row_stride(width))
+
+
 def _block(work: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    return work[: rows * width].view(rows, width)
+    """[rows, width] view of ``work`` with the padded row stride; the GEMMs write it through ld."""
+    ld = tiles.row_stride(width)
+    return work[: rows * ld].view(rows, ld)[:, :width]
 
 
 def _cast(t, dtype):
@@ -59,13 +66,13 @@ def linear_logprobs(h, w, tgt, bias, temperature, return_entropy, memory):
     rows = tiles.token_rows(h, n, v)
     launch = tiles.row_launch(v)
     with on_device(h):
-        work = h.new_empty(rows * v)
+        work = _work(h, rows, v)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             z = _block(work, r1 - r0, v)
             torch.mm(h[r0:r1], w.t(), out=z)
             logprob_rows_kernel[(r1 - r0,)](
-                z, v, bias, tgt[r0:], logp[r0:], lse[r0:], ent[r0:] if return_entropy else None, v,
+                z, z.stride(0), bias, tgt[r0:], logp[r0:], lse[r0:], ent[r0:] if return_entropy else None, v,
                 1.0 / temperature, HAS_BIAS=bias is not None, WANT_ENT=return_entropy, **launch)
     return logp, ent, lse
 
@@ -112,13 +119,13 @@ def _backward_speed(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
     db_acc = torch.zeros(v, dtype=sd, device=h.device) if need[2] else None
     rows = tiles.token_rows(h, n, v)
     launch = tiles.row_launch(v)
-    work = h.new_empty(rows * v)
+    work = _work(h, rows, v)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         z = _block(work, r1 - r0, v)
         torch.mm(h[r0:r1], w.t(), out=z)
         dlogits_rows_kernel[(r1 - r0,)](
-            z, v, bias, tgt[r0:], lse[r0:], _from(ent, r0), g_logp[r0:], _from(g_ent, r0), 0, v, inv_t,
+            z, z.stride(0), bias, tgt[r0:], lse[r0:], _from(ent, r0), g_logp[r0:], _from(g_ent, r0), 0, v, inv_t,
             HAS_BIAS=bias is not None, HAS_ENT=g_ent is not None, **launch)
         _chunk_grads(z, h[r0:r1], w, None if dh is None else dh[r0:r1], dw_acc, db_acc, r0 > 0)
     del work
@@ -134,14 +141,14 @@ def _backward_lean(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
     dh_acc = torch.empty(n, hdim, dtype=sd, device=h.device) if need[0] else None
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need[1] else None
     db = torch.empty(v, dtype=sd, device=h.device) if need[2] else None
-    work = h.new_empty(n * width)
+    work = _work(h, n, width)
     for c0 in range(0, v, width):
         c1 = min(v, c0 + width)
         z = _block(work, n, c1 - c0)
         w_slice = w[c0:c1]
         torch.mm(h, w_slice.t(), out=z)
         dlogits_rows_kernel[(n,)](
-            z, c1 - c0, _from(bias, c0), tgt, lse, ent, g_logp, g_ent, c0, c1 - c0, inv_t,
+            z, z.stride(0), _from(bias, c0), tgt, lse, ent, g_logp, g_ent, c0, c1 - c0, inv_t,
             HAS_BIAS=bias is not None, HAS_ENT=g_ent is not None, **launch)
         if dh_acc is not None:
             accumulate_mm(dh_acc, z, w_slice, c0 > 0)
@@ -196,13 +203,13 @@ def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParam
         inv_t = 1.0 / temperature
         rows = tiles.token_rows(h, nv, v)
         launch = tiles.row_launch(v)
-        work = h.new_empty(rows * v)
+        work = _work(h, rows, v)
         for r0 in range(0, nv, rows):
             r1 = min(nv, r0 + rows)
             z = _block(work, r1 - r0, v)
             torch.mm(hv[r0:r1], w.t(), out=z)
             policy_rows_kernel[(r1 - r0,)](
-                z, v, bias, tv[r0:], oldv[r0:], advv[r0:], wv[r0:], _from(refv, r0), terms[:, r0:], nv,
+                z, z.stride(0), bias, tv[r0:], oldv[r0:], advv[r0:], wv[r0:], _from(refv, r0), terms[:, r0:], nv,
                 _from(lse, r0), _from(ent, r0), _from(g_logp, r0), _from(g_ent, r0), v, inv_t,
                 1.0 - p.clip_low, 1.0 + p.clip_high, p.dual_clip, p.kl_coef, p.entropy_coef,
                 HAS_BIAS=bias is not None, WANT_ENT=want_ent,

@@ -6,7 +6,12 @@ input dtype; ``(z + bias) * inv_t`` and all statistics are computed in the stat 
 fp64 for fp64 inputs). The log-sum-exp is online with one running max per row and per-lane
 sums that are merged once at the end; the entropy sum is kept relative to the running max so
 that logits of 1e4 do not cancel. Gradients overwrite the logits block in place, in its dtype,
-ready for the dH and dW GEMMs. Offsets into the block are int64.
+ready for the dH and dW GEMMs. Offsets into the block are int64; rows may be padded (stride_z >=
+width, a multiple of 16 so that loads vectorise), the padding is never read.
+
+A target outside [0, width) is never read: its logit is NaN (validation rejects such targets on
+CPU tensors; on a GPU they poison the result instead of reading out of bounds). logp <= 0 and
+entropy >= 0 are clamped: contracted multiply-adds may otherwise round them 1 ulp past the bound.
 """
 import triton
 import triton.language as tl
@@ -24,12 +29,24 @@ def _logits(row_ptr, bias_ptr, cols, msk, inv_t, HAS_BIAS: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def _target_logit(row_ptr, bias_ptr, col, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """The same arithmetic as ``_logits`` for one column, so logp = z_t - lse is never positive."""
-    z = tl.load(row_ptr + col).to(ACC)
+def _target_logit(row_ptr, bias_ptr, col, width, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """The same arithmetic as ``_logits`` for one column; NaN for a column outside [0, width)."""
+    inside = (col >= 0) & (col < width)
+    col = tl.where(inside, col, 0)
+    z = tl.load(row_ptr + col, mask=inside, other=float("nan")).to(ACC)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + col).to(ACC)
+        z += tl.load(bias_ptr + col, mask=inside, other=0.0).to(ACC)
     return z * inv_t
+
+
+@triton.jit
+def _nonpositive(x):
+    return tl.where(x > 0, 0.0, x)  # a NaN stays NaN (tl.minimum would drop it)
+
+
+@triton.jit
+def _nonnegative(x):
+    return tl.where(x < 0, 0.0, x)
 
 
 @triton.jit
@@ -61,7 +78,7 @@ def _row_stats(row_ptr, bias_ptr, width, inv_t, HAS_BIAS: tl.constexpr, WANT_ENT
     lse = m + tl.log(total)
     ent = tl.zeros_like(lse)
     if WANT_ENT:
-        ent = tl.log(total) - tl.sum(t, axis=0) / total
+        ent = _nonnegative(tl.log(total) - tl.sum(t, axis=0) / total)
     return lse, ent
 
 
@@ -90,9 +107,9 @@ def logprob_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, logp_ptr, lse_ptr, e
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row_ptr = z_ptr + row * stride_z
+    zt = _target_logit(row_ptr, bias_ptr, tl.load(tgt_ptr + row), width, inv_t, HAS_BIAS, ACC)
     lse, ent = _row_stats(row_ptr, bias_ptr, width, inv_t, HAS_BIAS, WANT_ENT, ACC, BLOCK_V)
-    zt = _target_logit(row_ptr, bias_ptr, tl.load(tgt_ptr + row), inv_t, HAS_BIAS, ACC)
-    tl.store(logp_ptr + row, zt - lse)
+    tl.store(logp_ptr + row, _nonpositive(zt - lse))
     tl.store(lse_ptr + row, lse)
     if WANT_ENT:
         tl.store(ent_ptr + row, ent)
@@ -135,9 +152,13 @@ def policy_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, old_ptr, adv_ptr, w_p
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = terms_ptr.dtype.element_ty
     row_ptr = z_ptr + row * stride_z
-    lse, ent = _row_stats(row_ptr, bias_ptr, width, inv_t, HAS_BIAS, WANT_ENT, ACC, BLOCK_V)
+    # In-place hazard: WRITE_GRAD overwrites this row, and another warp of the program may reach
+    # the target's column first. So the target logit is read before the statistics (whose
+    # reductions end in barriers), and a barrier precedes the overwrite.
     tgt = tl.load(tgt_ptr + row)
-    logp = _target_logit(row_ptr, bias_ptr, tgt, inv_t, HAS_BIAS, ACC) - lse
+    zt = _target_logit(row_ptr, bias_ptr, tgt, width, inv_t, HAS_BIAS, ACC)
+    lse, ent = _row_stats(row_ptr, bias_ptr, width, inv_t, HAS_BIAS, WANT_ENT, ACC, BLOCK_V)
+    logp = _nonpositive(zt - lse)
     old = tl.load(old_ptr + row).to(ACC)
     adv = tl.load(adv_ptr + row).to(ACC)
     w = tl.load(w_ptr + row).to(ACC)
@@ -164,5 +185,6 @@ def policy_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, old_ptr, adv_ptr, w_p
             tl.store(ent_ptr + row, ent)
             tl.store(g_ent_ptr + row, g_ent)
     if WRITE_GRAD:
+        tl.debug_barrier()
         _write_dlogits(row_ptr, bias_ptr, width, tgt, lse, ent, g_logp, g_ent, inv_t,
                        HAS_BIAS, WANT_ENT, ACC, BLOCK_V)

@@ -26,8 +26,8 @@ def block_elements(t: torch.Tensor) -> int:
 
 
 def token_rows(t: torch.Tensor, n: int, width: int) -> int:
-    """Rows per token chunk of a [rows, width] logits block."""
-    return max(1, min(n, block_elements(t) // max(width, 1)))
+    """Rows per token chunk of a [rows, width] logits block (padded rows, see row_stride)."""
+    return max(1, min(n, block_elements(t) // row_stride(max(width, 1))))
 
 
 def vocab_slice(t: torch.Tensor, n: int, v: int) -> int:
@@ -35,6 +35,12 @@ def vocab_slice(t: torch.Tensor, n: int, v: int) -> int:
     a multiple of 64 so that rows stay aligned for vector loads and the GEMMs."""
     width = max(1, min(v, _config.LEAN_VOCAB_SLICE, block_elements(t) // max(n, 1)))
     return width if width < 128 or width == v else width // 64 * 64
+
+
+def row_stride(width: int) -> int:
+    """Row stride of a logits block: ``width`` rounded up to 16 elements, so that every row starts
+    16-element aligned and Triton vectorises the row kernels' loads whatever the vocab size."""
+    return -(-width // 16) * 16
 
 
 def row_launch(width: int) -> dict:
