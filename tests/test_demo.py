@@ -24,6 +24,13 @@ def test_demo_runs_every_method_and_writes_the_table_and_plots(tmp_path):
         assert row["seconds_per_step"] > 0 and row["peak_rss_mb"] > 0, name
     assert [c["step"] for c in result["curves"]["DVPO"]] == [0, 2, 4]
     assert result["curves"]["PPO"][0]["reward"] == sft["reward"]
+    assert [c["step"] for c in result["curves"]["DPO"]] == [0, 2, 3]  # DPO and VPO give curves too
+    eq = result["equal_kl"]
+    assert set(eq["reward"]) == {"DVPO", "PPO", "DPO", "VPO"}
+    assert eq["kl"] == min(max(c["kl"] for c in curve) for curve in result["curves"].values())
+    assert all(r is not None for r in eq["reward"].values())
+    # the GVM and the reward model make the same updates on the same pairs
+    assert result["epochs"]["gvm"] == result["epochs"]["rm"] > 0 and result["epochs"]["dpo"] > 0
     assert 0.0 <= result["accuracy"]["gvm_pair_acc"] <= 1.0 and 0.0 <= result["accuracy"]["rm_pair_acc"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["optimum_reward"] == result["optimum_reward"]
     table = (tmp_path / "results.md").read_text()
@@ -40,3 +47,12 @@ def test_line_chart_draws_one_polyline_per_series():
     doc = xml.dom.minidom.parseString(svg)
     assert len(doc.getElementsByTagName("polyline")) == 2
     assert "t &lt;x&gt;" in svg
+
+
+def test_equal_kl_interpolates_every_curve_at_the_largest_kl_all_reached():
+    curves = {"A": [{"kl": 0.0, "reward": 1.0}, {"kl": 2.0, "reward": 3.0}, {"kl": 4.0, "reward": 4.0}],
+              "B": [{"kl": 0.0, "reward": 1.0}, {"kl": 3.0, "reward": 2.5}]}
+    eq = demo.equal_kl_rewards(curves)
+    assert eq["kl"] == 3.0
+    assert eq["reward"] == {"A": 3.5, "B": 2.5}
+    assert demo.reward_at_kl(curves["B"], 3.5) is None  # never extrapolated

@@ -11,11 +11,12 @@ YAML file it writes under ``<output_dir>/configs`` (rerun any of them by hand):
 4. ``dvpo`` (frozen GVM), ``ppo`` (reward model + online critic) and ``dpo`` from the SFT policy.
 
 Then every policy samples one response per held-out prompt with the same seed and is scored by the oracle
-(mean r*) and by its KL to the reference; DVPO's and PPO's checkpoints give reward-vs-step curves. The table
-(``results.md``, ``results.json``) lists oracle reward, KL, GVM/RM pairwise accuracy, time per step and
-peak memory (the process's peak RSS on CPU, ``max_memory_allocated`` on CUDA); ``reward_vs_step.svg`` and
-``reward_vs_kl.svg`` (checkpoints of DVPO and PPO, the other methods' final reward as dashed lines) are
-the plots.
+(mean r*) and by its KL to the reference; every method's checkpoints give reward-vs-step and reward-vs-KL
+curves, and the methods are compared at one KL (each curve interpolated at the largest KL all of them
+reached), since a method that drifts further from the reference is not better for it. The table
+(``results.md``, ``results.json``) lists oracle reward, KL, the equal-KL rewards, GVM/RM pairwise accuracy,
+passes over the pairs, time per step and peak memory (the process's peak RSS on CPU,
+``max_memory_allocated`` on CUDA); ``reward_vs_step.svg`` and ``reward_vs_kl.svg`` are the plots.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import yaml
 
 from ..config import ConfigError, option, section
 from ..models import load_tokenizer
+from ..models.policy import stop_token_ids
 from ..plot import line_chart
 from transformers.utils import logging as hf_logging
 
@@ -123,7 +125,7 @@ def sample_pairs(task: OracleTask, sft: Path, prompts: list[str], *, seed: int, 
         batch = prompts[start:start + 256]
         ids = [tokenizer.encode(p) for p in batch for _ in range(2)]
         rollout = generate(model, ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, generator=generator)
+                           eos_token_id=stop_token_ids(model, tokenizer), generator=generator)
         texts = [tokenizer.decode(rollout.responses[r, :n].tolist(), skip_special_tokens=True)
                  for r, n in enumerate(rollout.response_lengths.tolist())]
         for i, prompt in enumerate(batch):
@@ -227,7 +229,9 @@ def run(cfg: DemoConfig) -> dict:
     value_train = {"max_steps": s.value_steps, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.05}
     gvm = rm = None
     if "dvpo" in cfg.methods:
-        gvm = run_stage("gvm", "gvm", {"model": {"path": str(sft)}, "data": value_data,
+        # One pass per batch: the GVM and the reward model see the same batches and make the same number of
+        # optimizer updates.
+        gvm = run_stage("gvm", "gvm", {"model": {"path": str(sft)}, "data": value_data, "gvm": {"epochs_per_batch": 1},
                                        "train": train("gvm", **value_train)}) / "final"
     if "ppo" in cfg.methods:
         rm = run_stage("rm", "rm", {"model": {"path": str(sft)}, "data": value_data,
@@ -248,7 +252,8 @@ def run(cfg: DemoConfig) -> dict:
                                                "critic": {"lr": 1e-3}, **rl, "train": train("ppo", **rl_train)})
     preference = {"model": {"path": str(sft)}, "data": {"pairs": [str(pair_file)], "eval_fraction": 0.05,
                                                         "max_length": 32}, "dpo": {"beta": s.dpo_beta}}
-    pref_train = {"max_steps": s.dpo_steps, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.05}
+    pref_train = {"max_steps": s.dpo_steps, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.05,
+                  "save_every": s.eval_every}
     if "dpo" in cfg.methods:
         runs["dpo"] = run_stage("dpo", "dpo", {**preference, "train": train("dpo", **pref_train)})
     if "vpo" in cfg.methods:
@@ -275,10 +280,9 @@ def report(cfg: DemoConfig, root: Path, task: OracleTask, sft: Path, eval_prompt
     for name, run_dir in runs.items():
         rows[name] = {**score(run_dir / "final"), "seconds_per_step": seconds_per_step(run_dir),
                       "peak_rss_mb": records[name]["peak_rss_mb"], "peak_gpu_gb": peak_gpu_gb(run_dir)}
-        if name in ("dvpo", "ppo"):
-            steps = sorted(int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob("global_step_*"))
-            curves[name.upper()] = [{"step": 0, **rows["sft"]}] + [
-                {"step": k, **score(run_dir / f"global_step_{k}")} for k in steps]
+        steps = sorted(int(p.name.rsplit("_", 1)[1]) for p in run_dir.glob("global_step_*"))
+        curves[name.upper()] = [{"step": 0, **rows["sft"]}] + [
+            {"step": k, **score(run_dir / f"global_step_{k}")} for k in steps]
     accuracy = {}
     if gvm is not None:
         accuracy["gvm_pair_acc"] = json.loads((gvm.parent / "eval.json").read_text())["eval/pair_acc_last"]
@@ -286,7 +290,8 @@ def report(cfg: DemoConfig, root: Path, task: OracleTask, sft: Path, eval_prompt
         accuracy["rm_pair_acc"] = json.loads((rm.parent / "eval.json").read_text())["eval/pair_acc"]
     result = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
               "git_sha": _git_sha(), "optimum_reward": optimum, "methods": rows,
-              "accuracy": accuracy, "curves": curves,
+              "accuracy": accuracy, "curves": curves, "equal_kl": equal_kl_rewards(curves),
+              "epochs": _epochs(root, runs, gvm, rm),
               "stage_seconds": {k: v["seconds"] for k, v in records.items()}}
     (root / "results.json").write_text(json.dumps(result, indent=2))
     if curves:
@@ -297,12 +302,44 @@ def report(cfg: DemoConfig, root: Path, task: OracleTask, sft: Path, eval_prompt
         (root / "reward_vs_kl.svg").write_text(line_chart(
             {k: [(c["kl"], c["reward"]) for c in v] for k, v in curves.items()},
             title="Oracle reward against KL to the reference (checkpoints)", xlabel="KL(pi || pi_ref), nats",
-            ylabel="mean oracle reward r*", hlines={name.upper(): rows[name]["reward"] for name in runs
-                                                     if name not in ("dvpo", "ppo")}))
+            ylabel="mean oracle reward r*"))
     table = markdown_table(result)
     (root / "results.md").write_text(table)
     print(table)
     return result
+
+
+def reward_at_kl(curve: list[dict], kl: float) -> float | None:
+    """Linear interpolation of a method's checkpoint rewards at ``kl`` (None outside the KL range it covered)."""
+    points = sorted((c["kl"], c["reward"]) for c in curve)
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= kl <= k1:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0) if k1 > k0 else r1
+    return None
+
+
+def equal_kl_rewards(curves: dict[str, list[dict]]) -> dict:
+    """Every method's reward at one KL: the largest KL that every checkpoint curve reached (each curve starts at
+    the reference, KL 0), so no method is extrapolated. Methods that spend more KL are not credited for it."""
+    if not curves:
+        return {}
+    kl = min(max(c["kl"] for c in curve) for curve in curves.values())
+    return {"kl": kl, "reward": {name: reward_at_kl(curve, kl) for name, curve in curves.items()}}
+
+
+def _epochs(root: Path, runs: dict[str, Path], gvm: Path | None, rm: Path | None) -> dict[str, float]:
+    """Passes over its training pairs each pair-trained stage made (optimizer updates x batch / pairs)."""
+    out = {}
+    for name, folder in {**{k: v for k, v in runs.items() if k in ("dpo", "vpo")},
+                         **({"gvm": gvm.parent} if gvm else {}), **({"rm": rm.parent} if rm else {})}.items():
+        stats_file, config_file = folder / "data_stats.json", folder / "config.yaml"
+        if not (stats_file.is_file() and config_file.is_file()):
+            continue
+        stats = json.loads(stats_file.read_text())
+        pairs = next((v["kept"] for k, v in stats.items() if k.startswith("train")), 0)
+        train = yaml.safe_load(config_file.read_text())["train"]
+        out[name] = train["max_steps"] * train["batch_size"] / max(pairs, 1)
+    return out
 
 
 def _git_sha() -> str:
@@ -324,6 +361,13 @@ def markdown_table(result: dict) -> str:
         memory = f"{r['peak_gpu_gb']:.2f} GB GPU" if r.get("peak_gpu_gb") else f"{r['peak_rss_mb']:.0f} MB RSS"
         lines.append(f"| {name.upper()} | {r['reward']:.3f} | {r['kl']:.3f} | {r['length']:.2f} | "
                      f"{r['seconds_per_step']:.3f} | {memory} |")
+    eq = result.get("equal_kl")
+    if eq:
+        lines += ["", f"At equal KL {eq['kl']:.3f} (every method's checkpoint curve interpolated at the largest KL all "
+                      "reached): " + ", ".join(f"{name} {r:.3f}" for name, r in eq["reward"].items()) + "."]
+    if result.get("epochs"):
+        lines += ["", "Passes over the training pairs: " + ", ".join(
+            f"{name.upper()} {e:.2f}" for name, e in result["epochs"].items()) + "."]
     acc = result["accuracy"]
     if acc:
         lines += ["", "Held-out pairwise accuracy: " + ", ".join(
