@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
+if Version(transformers.__version__) < Version("5.5.3"):
+    pytest.skip("verl 0.9.1 needs transformers>=5.5.3", allow_module_level=True)
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (.ci/install_frameworks)")
 import verl.utils.torch_functional as verl_F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
