@@ -11,6 +11,9 @@ token valid. Providers:
 - ``eager``: materialised logits, fp32 log_softmax, the loss, autograd
 - ``compile``: ``torch.compile`` of the eager function
 - ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (loss_type="bnpo", beta=0), if installed
+- ``trl-chunked``: TRL's ``ChunkedLogProbFunction`` (the log-probs of its fused LM head), then the loss
+- ``verl-torch``, ``verl-triton``: verl's ``FusedLinearForPPO`` (torch) and ``linear_cross_entropy``
+  (Triton, CUDA only) log-probs and entropies, then the loss
 - ``dvpo-torch``, ``dvpo-triton-speed``, ``dvpo-triton-lean``: ``dvpo_kernels.fused_policy_loss``
 
 Each provider first passes a correctness gate (loss, dH and dW against the dvpo torch path, error
@@ -43,7 +46,8 @@ SWEEP_N = (1024, 2048, 4096, 8192, 16384, 32768)
 CPU_SHAPES = {"tiny-a": (64, 32, 301), "tiny-b": (64, 48, 257)}
 CPU_SWEEP_N = (32, 64, 128)
 FUSED = ("dvpo-torch", "dvpo-triton-speed", "dvpo-triton-lean")
-PROVIDERS = ("floor", "eager", "compile", "liger") + FUSED
+FRAMEWORKS = ("trl-chunked", "verl-torch", "verl-triton")
+PROVIDERS = ("floor", "eager", "compile", "liger") + FRAMEWORKS + FUSED
 FORWARD_PROVIDERS = ("gemm", "eager", "dvpo-torch", "dvpo-triton")
 
 
@@ -74,7 +78,11 @@ class Problem:
 
 def eager_loss(hidden, weight, tgt, old, adv, mask):
     logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
-    lr = (logp - old).clamp(-20.0, 20.0)
+    return clipped_loss(logp, old, adv, mask)
+
+
+def clipped_loss(logp, old, adv, mask):
+    lr = (logp.float() - old).clamp(-20.0, 20.0)
     ratio = lr.exp()
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
     return torch.where(mask, loss, 0.0).sum() / mask.sum().clamp(min=1)
@@ -128,6 +136,40 @@ def make_providers(p: Problem, dk, device) -> dict:
             return with_grads(res[0] if isinstance(res, tuple) else res)
 
         out["liger"] = (liger_step, None)
+    out.update(framework_providers(p, device, with_grads))
+    return out
+
+
+def framework_providers(p: Problem, device, with_grads) -> dict:
+    """The log-prob kernels TRL and verl ship, each followed by the same clipped loss; a framework that is
+    not installed is skipped."""
+    rest = (p.old, p.adv, p.mask)
+    out = {}
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError as e:
+        out["trl-chunked"] = (None, f"not installed (trl: {e})")
+    else:
+        def trl_step():
+            logp = ChunkedLogProbFunction.apply(p.hidden, p.weight, None, p.tgt, 1.0, chunk, None, 1.0, ("log_probs",))[0]
+            return with_grads(clipped_loss(logp, *rest))
+
+        out["trl-chunked"] = (trl_step, None)
+    try:
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    except ImportError as e:
+        out["verl-torch"] = out["verl-triton"] = (None, f"not installed (verl: {e})")
+        return out
+    verl_torch = FusedLinearForPPO(impl_backend="torch")
+    out["verl-torch"] = (lambda: with_grads(clipped_loss(verl_torch(p.hidden, p.weight, p.tgt)[0], *rest)), None)
+    if device.type != "cuda":
+        out["verl-triton"] = (None, "verl's Triton kernel needs CUDA")
+        return out
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    out["verl-triton"] = (lambda: with_grads(clipped_loss(linear_cross_entropy(p.hidden, p.weight, p.tgt, 1.0, "none")[0],
+                                                          *rest)), None)
     return out
 
 
