@@ -71,8 +71,9 @@ def test_matches_openrlhf_policy_loss(openrlhf_loss, kw, totals):
     (g_ref,) = torch.autograd.grad(theirs[0], logp)
     ours = PolicyLoss(**kw)(logp, old, adv, mask, rollout, **totals)
     (g,) = torch.autograd.grad(ours[0], logp)
-    torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[0].double(), theirs[0], rtol=1e-7, atol=1e-10)
+    # the frameworks' seq-mean divides by count + 1e-8
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-10)
     for a, b in zip(ours[1:], theirs[1:]):
         assert (a is None) == (b is None)
         if a is not None:

@@ -45,8 +45,9 @@ def test_policy_loss_matches_verl_vanilla(mode, is_weights, info):
     (g_ref,) = torch.autograd.grad(ref_loss, logp)
     loss, metrics = core_algos.get_policy_loss_fn("dvpo")(old, logp, adv, mask, mode, _config(**info), w)
     (g,) = torch.autograd.grad(loss, logp)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-7, atol=1e-10)
+    # the frameworks' seq-mean divides by count + 1e-8
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-10)
     assert metrics.keys() == ref_metrics.keys()
     for k in metrics:
         assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-6, abs=1e-9), k
