@@ -7,7 +7,18 @@ import torch
 from _stages import HH, kill_after, metrics, run_stage, stage_config
 
 from dvpo.models import ModelConfig, PolicyModel, ValueModel, load_causal_lm, load_token_value_model, load_tokenizer
-from dvpo.rl import ActorConfig, Experience, KLController, LossTerms, policy_logprobs, policy_loss_on, unfused, value_states
+from dvpo.rl import (
+    ActorConfig,
+    Experience,
+    KLController,
+    LossTerms,
+    last_state_values,
+    policy_logprobs,
+    policy_loss_on,
+    sequence_scores,
+    state_values,
+    unfused,
+)
 from dvpo.rollout import generate
 from dvpo.stages import dvpo as dvpo_stage
 
@@ -39,8 +50,10 @@ def test_logprobs_and_gvm_states_line_up_with_tokens_under_left_padding(sft_mode
     tok = load_tokenizer(str(sft_model))
     gvm = ValueModel(load_token_value_model(ModelConfig(path=str(gvm_model)), tok, torch.device("cpu"))).eval()
     logp = policy_logprobs(PolicyModel(model), exp, temperature=0.7, micro=2)
-    states, final = value_states(gvm, exp, micro=3)
-    values = dk.value_head(states, gvm.head.weight, gvm.head.bias)
+    values, _ = state_values(gvm, exp, micro=3)
+    last = last_state_values(values, exp.mask)
+    assert gvm.is_gvm  # dvpo gvm marks its folders
+    torch.testing.assert_close(sequence_scores(gvm, exp, micro=2), last)
     with torch.no_grad():
         for b, prompt in enumerate(prompts):
             response = exp.targets[b, :exp.lengths[b]].tolist()
@@ -52,8 +65,9 @@ def test_logprobs_and_gvm_states_line_up_with_tokens_under_left_padding(sft_mode
             assert logp[b, len(response):].eq(0).all()
             v = gvm(ids, torch.ones_like(ids))[0].float()
             torch.testing.assert_close(values[b, :len(response)], v[len(prompt) - 1:-1], rtol=1e-4, atol=1e-4)
-            final_v = dk.value_head(final[b], gvm.head.weight, gvm.head.bias)
-            torch.testing.assert_close(final_v, v[-1], rtol=1e-4, atol=1e-4)
+            # the GVM's score of a sequence is its value of the state before the final token (the last state
+            # it is trained on), not of the state after it
+            torch.testing.assert_close(last[b], v[-2], rtol=1e-4, atol=1e-4)
 
 
 def test_fused_and_unfused_paths_give_the_same_advantages_loss_and_gradients(sft_model):

@@ -95,6 +95,16 @@ class PolicyModel(HFWrapper):
 
 
 
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and every id of the model's
+    ``generation_config.eos_token_id`` (Llama 3 ends turns with ``<|eot_id|>``, ChatML models with
+    ``<|im_end|>``, neither of which is always the tokenizer's EOS)."""
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id] + (list(extra) if isinstance(extra, (list, tuple)) else [extra])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def masked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, mask: Tensor, *,
                     return_entropy: bool = False, **kw):
     """``[B, T]`` log-probs of ``targets`` from ``hidden`` ``[B, T, H]`` at the ``mask`` positions (0 elsewhere),

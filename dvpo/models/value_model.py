@@ -10,6 +10,9 @@ import dvpo_kernels as dk
 
 from .wrapper import HFWrapper
 
+KIND_KEY = "dvpo_value_model"
+KINDS = ("gvm", "reward_model", "critic")
+
 
 class ValueModel(HFWrapper):
     """Wraps a Hugging Face ``*ForTokenClassification`` with one label (its ``score`` head is the value
@@ -20,6 +23,23 @@ class ValueModel(HFWrapper):
     @property
     def head(self) -> nn.Linear:
         return self.hf_model.score
+
+    @property
+    def kind(self) -> str:
+        """What the model was trained as, saved in its ``config.json``: ``gvm`` (values of the states
+        before response tokens) or ``reward_model`` (a score at the final token; also folders that predate
+        the field)."""
+        return getattr(self.hf_model.config, KIND_KEY, "reward_model")
+
+    @kind.setter
+    def kind(self, value: str) -> None:
+        if value not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {value!r}")
+        setattr(self.hf_model.config, KIND_KEY, value)
+
+    @property
+    def is_gvm(self) -> bool:
+        return self.kind == "gvm"
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, L, H]`` (the states the value head reads). Left-padded rows need

@@ -62,7 +62,7 @@ def policy_loss_on(policy: PolicyModel, part: Experience, cfg: ActorConfig, term
 
 def mini_batch_rows(cfg: ActorConfig, batch_size: int) -> int:
     """This rank's rows per optimizer update."""
-    return max(1, (cfg.mini_batch_size or batch_size) // distributed.world_size())
+    return max(1, (cfg.mini_batch_size or batch_size // 2) // distributed.world_size())
 
 
 def updates_per_step(cfg: ActorConfig, batch_size: int) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+import dvpo_kernels as dk
+
 from ..data import Encoder, PromptRecord, truncate
 from ..models import PolicyModel, ValueModel, masked_logprobs
 from ..rollout import Rollout
@@ -115,20 +117,61 @@ def policy_logprobs(policy: PolicyModel, exp: Experience, *, temperature: float,
     return (logp, ent) if return_entropy else logp
 
 
+def _fp32_head(model: ValueModel, hidden: Tensor) -> Tensor:
+    """The value head in fp32 whatever autocast is active: values are statistics (and stay equal to the
+    fused op's own projection)."""
+    head = model.head
+    with torch.autocast(hidden.device.type, enabled=False):
+        return dk.value_head(hidden, head.weight, head.bias)
+
+
 @torch.no_grad()
-def value_states(model: ValueModel, exp: Experience, *, micro: int) -> tuple[Tensor, Tensor]:
-    """The value model's hidden states of the response states ``[B, R, H]`` and of each row's final
-    state (after its last token) ``[B, H]``, in micro-batches."""
-    states, final = None, None
-    last = exp.prompt_len + torch.tensor(exp.lengths, device=exp.sequences.device) - 1
+def state_values(model: ValueModel, exp: Experience, *, micro: int,
+                 chunk_whiten: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``[B, R]`` fp32 values of the response states (0 on masked ones), projected micro-batch by
+    micro-batch: no more than one micro-batch's hidden states ``[micro, L, H]`` exist at a time.
+
+    With ``chunk_whiten`` also the values whitened the way the official DVPO trainer does it (trl's
+    ``whiten``): ``(v - mean) * rsqrt(var + 1e-8)`` with the mean and unbiased variance of *every*
+    position of the micro-batch's forward (prompt, response, the position after the last token,
+    padding), not only the response states; else None."""
+    raw = torch.zeros(exp.mask.shape, device=exp.mask.device)
+    white = torch.zeros_like(raw) if chunk_whiten else None
     for rows in micro_batches(exp.batch_size, micro):
         part = exp.select(rows)
+        idx, width = torch.tensor(rows, device=raw.device), part.mask.shape[1]
         with parallel.gathered_root(model):  # hidden_states runs the backbone, not the wrapper's forward
             hidden = model.hidden_states(part.sequences, part.attention_mask, part.position_ids)
-        if states is None:
-            states = hidden.new_zeros(exp.mask.shape + hidden.shape[-1:])
-            final = hidden.new_zeros(exp.batch_size, hidden.shape[-1])
-        idx = torch.tensor(rows, device=hidden.device)
-        states[idx, :part.mask.shape[1]] = state_slice(hidden, part)
-        final[idx] = hidden[torch.arange(len(rows), device=hidden.device), last[idx]]
-    return states, final
+            if chunk_whiten:
+                full = _fp32_head(model, hidden)
+                values = state_slice(full[..., None], part)[..., 0]
+                whitened = (values - full.mean()) * torch.rsqrt(full.var() + 1e-8)
+                white[idx, :width] = torch.where(part.mask, whitened, 0.0)
+            else:
+                values = _fp32_head(model, state_slice(hidden, part))
+        raw[idx, :width] = torch.where(part.mask, values, 0.0)
+    return raw, white
+
+
+def last_state_values(values: Tensor, mask: Tensor) -> Tensor:
+    """``[B]``: each row's value at its last response state, the state before its final token. That is
+    the last state a GVM is trained on (its reward sits there); the state after EOS never is."""
+    return values.gather(-1, mask.long().cumsum(-1).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@torch.no_grad()
+def sequence_scores(model: ValueModel, exp: Experience, *, micro: int) -> Tensor:
+    """``[B]`` fp32 score of each sampled sequence where ``model`` was trained to give it: a GVM's value of
+    the last response state (before the final token), a reward model's output at the final token (EOS)
+    itself. Micro-batched, one micro-batch's hidden states at a time."""
+    if model.is_gvm:
+        return last_state_values(state_values(model, exp, micro=micro)[0], exp.mask)
+    scores = torch.zeros(exp.batch_size, device=exp.mask.device)
+    for rows in micro_batches(exp.batch_size, micro):
+        part = exp.select(rows)
+        last = part.prompt_len + torch.tensor(part.lengths, device=scores.device) - 1
+        with parallel.gathered_root(model):
+            hidden = model.hidden_states(part.sequences, part.attention_mask, part.position_ids)
+            final = hidden[torch.arange(len(rows), device=scores.device), last]
+            scores[torch.tensor(rows, device=scores.device)] = _fp32_head(model, final)
+    return scores

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-import dvpo_kernels as dk
-
 from ..models import PolicyModel, ValueModel
+from ..models.policy import stop_token_ids
 from ..rollout import RolloutEngine
-from ..trainer import autocast
-from .experience import Experience, policy_logprobs, value_states
+from ..trainer import autocast, generation_autocast
+from .experience import Experience, policy_logprobs, sequence_scores
 
 
 @torch.no_grad()
@@ -18,16 +17,19 @@ def sample_and_score(policy: PolicyModel, prompts: list[list[int]], tokenizer, *
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, engine: str = "auto",
                      seed: int = 0, batch_size: int = 64, micro: int = 0, bf16: bool = False) -> list[dict]:
     """Per prompt: ``response`` (decoded), ``length`` (tokens, EOS included), ``kl`` (``sum_t log pi(y_t) -
-    log pi_ref(y_t)``, with a reference) and ``score/<name>`` (each judge's head at the last token). The
+    log pi_ref(y_t)``, with a reference) and ``score/<name>`` (each judge's score: a GVM's value of the last
+    response state, a reward model's output at the final token). The
     same ``seed`` draws the same noise for every policy."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     rollouts = RolloutEngine(policy.hf_model, engine)
+    stop_ids = stop_token_ids(policy.hf_model, tokenizer)
     rows = []
     for start in range(0, len(prompts), batch_size):
-        rollout = rollouts.generate(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with generation_autocast(device, bf16):
+            rollout = rollouts.generate(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
         exp = Experience.from_rollout(rollout)
         columns = {"length": exp.mask.sum(-1).float()}
         with autocast(device, bf16):
@@ -36,8 +38,7 @@ def sample_and_score(policy: PolicyModel, prompts: list[list[int]], tokenizer, *
                 ref = policy_logprobs(reference, exp, temperature=temperature, micro=micro)
                 columns["kl"] = torch.where(exp.mask, logp - ref, 0.0).sum(-1)
             for name, judge in (judges or {}).items():
-                _, final = value_states(judge, exp, micro=micro)
-                columns[f"score/{name}"] = dk.value_head(final, judge.head.weight, judge.head.bias)
+                columns[f"score/{name}"] = sequence_scores(judge, exp, micro=micro)
         values = {k: v.tolist() for k, v in columns.items()}
         for b, n in enumerate(exp.lengths):
             response = tokenizer.decode(exp.targets[b, :n].tolist(), skip_special_tokens=True)

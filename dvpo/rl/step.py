@@ -15,23 +15,35 @@ from contextlib import contextmanager
 import torch
 
 from ..models import ModelConfig, PolicyModel, ValueModel, load_causal_lm, load_token_value_model
+from ..models.policy import stop_token_ids
 from ..rollout import RolloutEngine
-from ..trainer import autocast, distributed, parallel
+from ..trainer import autocast, distributed, generation_autocast, parallel
 from .actor import ActorUpdater, LossTerms
 from .config import KLConfig, RolloutConfig
 from .experience import Experience, policy_logprobs
 from .kl import KLController
 
 
-def frozen(module: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """Eval mode, no gradients, bf16 weights when the run computes in bf16 (a frozen model keeps no
-    optimizer state, so fp32 master weights buy nothing)."""
-    module.requires_grad_(False).eval()
-    return module.to(device=device, dtype=torch.bfloat16 if bf16 else None)
+def frozen(model: PolicyModel | ValueModel, device: torch.device, bf16: bool):
+    """Eval mode, no gradients; in a bf16 run the linear layers of the transformer hold bf16 weights.
+
+    Those are exactly what bf16 autocast casts a trained model's fp32 weights to before each matmul, so
+    under autocast the frozen copy computes bit for bit what the trained model computes (a policy and
+    its reference agree exactly at step 0) with half the memory for nearly all its weights. Everything
+    autocast leaves in fp32 stays as loaded: embeddings, norms, rotary buffers, the LM and value heads
+    (read by the dvpo_kernels ops). A frozen model is run under the run's autocast."""
+    model.requires_grad_(False).eval()
+    model.to(device)
+    if bf16:
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.to(torch.bfloat16)
+    return model
 
 
-def frozen_policy(path: str, tokenizer, device: torch.device, bf16: bool) -> PolicyModel:
-    cfg = ModelConfig(path=path)
+def frozen_policy(path: str, tokenizer, device: torch.device, bf16: bool, dtype: str = "float32") -> PolicyModel:
+    """``dtype``: that of the trained policy (``model.dtype``), so that both compute alike."""
+    cfg = ModelConfig(path=path, dtype=dtype)
     return frozen(PolicyModel(load_causal_lm(cfg, tokenizer, device)), device, bf16)
 
 
@@ -75,6 +87,7 @@ class RolloutStep:
         self.seed, self.device, self.bf16 = seed, device, bf16
         self.kl_ctl = KLController(kl.coef, adaptive=kl.adaptive, target=kl.target, horizon=kl.horizon)
         self.engine = RolloutEngine(policy.hf_model, rollout.engine)
+        self.stop_ids = stop_token_ids(policy.hf_model, tokenizer)
 
     # --- phases ----------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], step: int, **overrides) -> Experience:
@@ -83,9 +96,9 @@ class RolloutStep:
             ((self.seed * 1_000_003 + step) * 1_000_033 + distributed.rank()) % 2**63)
         kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         kw.update(overrides)
-        with parallel.gathered_root(self.policy), torch.no_grad():
+        with parallel.gathered_root(self.policy), torch.no_grad(), generation_autocast(self.device, self.bf16):
             rollout = self.engine.generate(prompt_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                           eos_token_id=self.tokenizer.eos_token_id, generator=generator, **kw)
+                                           eos_token_id=self.stop_ids, generator=generator, **kw)
         return Experience.from_rollout(rollout)
 
     def logprobs(self, model: PolicyModel, exp: Experience, **kw):

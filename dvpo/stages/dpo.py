@@ -140,7 +140,7 @@ class Reference:
                  bf16: bool):
         self.policy, self.batch_size, self.device, self.bf16 = policy, batch_size, device, bf16
         self.pad_token_id = tokenizer.pad_token_id
-        self.copy = None if cfg.lora_r > 0 else frozen_policy(cfg.path, tokenizer, device, bf16)
+        self.copy = None if cfg.lora_r > 0 else frozen_policy(cfg.path, tokenizer, device, bf16, cfg.dtype)
 
     @contextlib.contextmanager
     def active(self):

@@ -20,18 +20,19 @@ import torch
 import dvpo_kernels as dk
 
 from ..config import ConfigError, option, section
-from ..models import load_tokenizer
+from ..models import ValueModel, load_tokenizer
 from ..rl import (
     Experience,
     RolloutStep,
     Timer,
+    batch_whiten,
     check_same_vocabulary,
     frozen_value_model,
+    last_state_values,
+    state_values,
     unfused,
-    batch_whiten,
-    value_states,
 )
-from ..trainer import TrainConfig, Trainer, distributed, parallel
+from ..trainer import TrainConfig, Trainer, distributed
 from .common import shard_frozen
 from .registry import register_stage
 from .rl_setup import RLStageConfig, setup_rl
@@ -42,13 +43,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class GVMCriticConfig:
     path: str | None = option(None, "the frozen GVM: a folder written by 'dvpo gvm' (required)", path=True)
-    value_norm: Literal["seq", "batch", "none"] = option(
-        "seq", "normalise the frozen values per sequence (official recipe), over the batch, or not at all")
+    value_norm: Literal["seq", "batch", "official", "none"] = option(
+        "seq", "normalise the frozen values per sequence over its response states, over the batch's response "
+               "states, as the official DVPO code does (trl's whiten over every position of each scoring forward: "
+               "prompt, padding and all; rows per forward = rollout.micro_batch_size), or not at all")
     gamma: float = option(1.0, "discount of the advantage scan")
     lam: float = option(0.95, "GAE lambda")
     whiten_advantages: bool = option(True, "whiten the advantages over the batch")
     score: Literal["none", "gvm_terminal"] = option(
-        "none", "gvm_terminal: add the GVM's value of the final state as a terminal reward")
+        "none", "gvm_terminal: add the GVM's value of the last response state (before the final token, the last "
+                "state it is trained on) as a terminal reward")
 
     def validate(self) -> None:
         if self.path is None:
@@ -64,50 +68,52 @@ class DVPOStageConfig(RLStageConfig):
     gvm: GVMCriticConfig = section(GVMCriticConfig, "the frozen Global Value Model and the advantage recipe")
 
 
+def gvm_advantages(gvm: ValueModel, exp: Experience, g: GVMCriticConfig, *, kl_coef: float, micro: int,
+                   fused: bool, autocast, timer: Timer) -> None:
+    """Fill ``exp.values/advantages/returns`` (and ``exp.scores`` with ``gvm.score=gvm_terminal``) from the
+    frozen GVM. Its values are projected micro-batch by micro-batch (``state_values``), then the fused
+    ``dvpo_advantages`` runs on them as on one-dimensional hidden states with a unit head: the same
+    numbers as projecting inside the op, without holding the batch's ``[B, R, H]`` hidden states."""
+    with timer("values"), autocast:
+        raw, white = state_values(gvm, exp, micro=micro, chunk_whiten=g.value_norm == "official")
+    with timer("adv"):
+        _advantages(exp, g, raw, white, kl_coef, fused)
+
+
+def _advantages(exp: Experience, g: GVMCriticConfig, raw, white, kl_coef: float, fused: bool) -> None:
+    exp.scores = last_state_values(raw, exp.mask) if g.score == "gvm_terminal" else None
+    # Batch statistics span all ranks: with several, batch value norm and advantage whitening are done
+    # here with global statistics instead of inside the per-rank op.
+    many = distributed.is_distributed()
+    norm = g.value_norm
+    if norm == "official":  # whitened per forward chunk in state_values; nothing left for the op
+        raw, norm = white, "none"
+    elif norm == "batch" and many:
+        raw, norm = batch_whiten(raw, exp.mask), "none"
+    kw = dict(old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, kl_coef=kl_coef, score=exp.scores,
+              gamma=g.gamma, lam=g.lam, value_norm=norm, whiten_advantages=g.whiten_advantages and not many)
+    if fused:
+        adv, exp.returns, exp.values = dk.dvpo_advantages(raw[..., None], raw.new_ones(1, 1), None, exp.mask, **kw)
+    else:
+        adv, exp.returns, exp.values = unfused.dvpo_advantages(raw, exp.mask, **kw)
+    exp.advantages = batch_whiten(adv, exp.mask) if g.whiten_advantages and many else adv
+
+
 class DVPOStep(RolloutStep):
     """The frozen GVM's values -> ``dvpo_advantages`` (or its unfused twin)."""
 
-    def __init__(self, *, gvm, gvm_cfg: GVMCriticConfig, **kw):
+    def __init__(self, *, gvm: ValueModel, gvm_cfg: GVMCriticConfig, **kw):
         super().__init__(**kw)
         self.gvm, self.gvm_cfg = gvm, gvm_cfg
 
-    def terminal_scores(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """The GVM's value of each final state; call with the GVM's root gathered."""
-        head = self.gvm.head
-        return dk.value_head(final_hidden, head.weight, head.bias)
-
     def advantages(self, exp: Experience, metrics: dict, timer: Timer) -> None:
-        g, head = self.gvm_cfg, self.gvm.head
-        with timer("values"), self.autocast():
-            states, final = value_states(self.gvm, exp, micro=self.micro)
-        with timer("adv"), parallel.gathered_root(self.gvm):  # the head's weights, when the GVM is sharded
-            exp.scores = self.terminal_scores(final) if g.score == "gvm_terminal" else None
-            # Batch statistics span all ranks: with several, batch value norm and advantage whitening
-            # are done here with global statistics instead of inside the per-rank op.
-            many = distributed.is_distributed()
-            kw = dict(old_logprobs=exp.old_logprobs, ref_logprobs=exp.ref_logprobs, kl_coef=self.kl_in_reward,
-                      score=exp.scores, gamma=g.gamma, lam=g.lam, value_norm=g.value_norm,
-                      whiten_advantages=g.whiten_advantages and not many)
-            fused, prenormed = self.actor.cfg.kernels == "fused", many and g.value_norm == "batch"
-            if prenormed or not fused:
-                bias = head.bias.float() if head.bias is not None else None
-                raw = torch.nn.functional.linear(states.float(), head.weight.float(), bias).squeeze(-1)
-                if prenormed:
-                    raw, kw["value_norm"] = batch_whiten(raw, exp.mask), "none"
-            if not fused:
-                adv, exp.returns, exp.values = unfused.dvpo_advantages(raw, exp.mask, **kw)
-            elif prenormed:  # values already normalised: a unit projection
-                adv, exp.returns, exp.values = dk.dvpo_advantages(raw[..., None], raw.new_ones(1, 1), None,
-                                                                  exp.mask, **kw)
-            else:
-                adv, exp.returns, exp.values = dk.dvpo_advantages(states, head.weight, head.bias, exp.mask, **kw)
-            exp.advantages = batch_whiten(adv, exp.mask) if g.whiten_advantages and many else adv
+        gvm_advantages(self.gvm, exp, self.gvm_cfg, kl_coef=self.kl_in_reward, micro=self.micro,
+                       fused=self.actor.cfg.kernels == "fused", autocast=self.autocast(), timer=timer)
 
     def eval_scores(self, exp: Experience) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            _, final = value_states(self.gvm, exp, micro=self.micro)
-        with parallel.gathered_root(self.gvm):
-            return {"eval/gvm_final_value": self.terminal_scores(final)}
+        with self.autocast():  # the GVM's value of the last state it is trained on (before the final token)
+            values, _ = state_values(self.gvm, exp, micro=self.micro)
+        return {"eval/gvm_final_value": last_state_values(values, exp.mask)}
 
 
 @register_stage("dvpo", DVPOStageConfig, "policy training with a frozen GVM critic (DVPO)",

@@ -105,7 +105,7 @@ def run(cfg: EvalStageConfig) -> dict[str, float]:
         raise ValueError("no prompts to evaluate")
 
     policy = frozen(PolicyModel(load_causal_lm(cfg.model, tokenizer, device)), device, bf16)
-    reference = frozen_policy(cfg.ref.path, tokenizer, device, bf16) if cfg.ref.path else None
+    reference = frozen_policy(cfg.ref.path, tokenizer, device, bf16, cfg.model.dtype) if cfg.ref.path else None
     judges = {}
     for path in cfg.judge.reward_models:
         check_same_vocabulary(tokenizer, load_tokenizer(path), f"the reward model at {path}")

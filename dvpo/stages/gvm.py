@@ -305,6 +305,7 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
     data = prepare_data(cfg.data, cfg.model, cfg.train, resume_from)
     tokenizer = data.tokenizer
     model = trainable_value_model(cfg.model, tokenizer, device)
+    model.kind = "gvm"  # saved with it: scorers read a GVM at its last trained state, not at EOS
 
     t = cfg.train
     batches = EpochBatches(len(data.train), t.batch_size, seed=t.seed)

@@ -32,9 +32,9 @@ from ..rl import (
     check_same_vocabulary,
     frozen_value_model,
     micro_batches,
+    sequence_scores,
     unfused,
     updates_per_step,
-    value_states,
 )
 from ..trainer import (
     Bundle,
@@ -125,9 +125,7 @@ class PPOStep(RolloutStep):
 
     def rm_scores(self, exp: Experience) -> torch.Tensor:
         with self.autocast():
-            _, final = value_states(self.reward_model, exp, micro=self.micro)
-        head = self.reward_model.head
-        return dk.value_head(final, head.weight, head.bias)
+            return sequence_scores(self.reward_model, exp, micro=self.micro)
 
     @torch.no_grad()
     def advantages(self, exp: Experience, metrics: dict, timer: Timer) -> None:
@@ -199,6 +197,7 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     critic_cfg = ModelConfig(path=cfg.critic.init or cfg.reward.path,
                              gradient_checkpointing=cfg.model.gradient_checkpointing)
     critic = ValueModel(load_token_value_model(critic_cfg, s.tokenizer, s.device))
+    critic.kind = "critic"
     critic_train = dataclasses.replace(t, lr=cfg.critic.lr)
     critic_optimizer = build_optimizer(critic, critic_train)
     critic_scheduler = build_scheduler(critic_optimizer, critic_train,

@@ -95,7 +95,8 @@ def setup_rl(cfg, parallel_mode: str, actor_steps_skipped: int = 0) -> RLSetup:
     policy = trainable_policy(cfg.model, tokenizer, device, parallel_mode)
     reference = None
     if cfg.model.lora_r == 0 or cfg.ref.path is not None:
-        reference = shard_frozen(frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16),
+        reference = shard_frozen(frozen_policy(cfg.ref.path or cfg.model.path, tokenizer, device, bf16,
+                                               cfg.model.dtype),
                                  parallel_mode, t.shard_frozen)
 
     batches = EpochBatches(len(prompts), t.batch_size, seed=t.seed)

@@ -113,6 +113,7 @@ def run(cfg: RMStageConfig) -> dict[str, float]:
     data = prepare_data(cfg.data, cfg.model, t, resume_from)
     tokenizer, pad = data.tokenizer, data.tokenizer.pad_token_id
     model = trainable_value_model(cfg.model, tokenizer, device)
+    model.kind = "reward_model"
 
     batches = EpochBatches(len(data.train), t.batch_size, seed=t.seed)
     total_steps = t.max_steps or batches.steps_for(t.epochs)

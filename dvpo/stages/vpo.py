@@ -39,10 +39,12 @@ import torch
 from ..config import ConfigError, option, section
 from ..data import EncodedSequence
 from ..models import load_tokenizer
+from ..models.policy import stop_token_ids
+from ..objectives import last_values
 from ..rl import RolloutConfig, check_same_vocabulary, frozen_value_model
 from ..rollout import RolloutEngine
 from ..tasks import OracleTask
-from ..trainer import EpochBatches, TrainConfig, distributed, parallel
+from ..trainer import EpochBatches, TrainConfig, autocast, distributed, generation_autocast, parallel
 from .dpo import (
     DPOStageConfig,
     PreferenceExample,
@@ -132,11 +134,13 @@ def distinct_prompts(examples: list[PreferenceExample]) -> list[list[int]]:
 
 
 def sample_responses(engine: RolloutEngine, prompts: list[list[int]], cfg: RolloutConfig, tokenizer,
-                     generator: torch.Generator) -> list[list[int]]:
-    """One sampled response (token ids, EOS included when it finished) per prompt."""
-    out = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, generator=generator)
+                     generator: torch.Generator, bf16: bool) -> list[list[int]]:
+    """One sampled response (token ids, the stop token included when it finished) per prompt, in the run's
+    precision."""
+    with generation_autocast(generator.device, bf16):
+        out = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=stop_token_ids(engine.model, tokenizer), temperature=cfg.temperature,
+                              top_p=cfg.top_p, top_k=cfg.top_k, generator=generator)
     return [out.responses[i, :n].tolist() for i, n in enumerate(out.response_lengths.tolist())]
 
 
@@ -151,7 +155,7 @@ def reference_samples(run: PreferenceRun, prompts: list[list[int]], cfg: Rollout
         for start in range(0, len(mine), chunk):
             part = mine[start:start + chunk]
             generator = seeded_generator(run.device, "calibration", seed, distributed.rank(), start)
-            responses = sample_responses(engine, part, cfg, run.tokenizer, generator)
+            responses = sample_responses(engine, part, cfg, run.tokenizer, generator, run.bf16)
             samples += [EncodedSequence(p, r) for p, r in zip(part, responses)]
     samples = gather_lists(samples)
     logps = run.reference.logprobs(samples)
@@ -190,20 +194,26 @@ class OracleJudge:
 
 
 class ModelJudge:
-    """``vpo.judge=<folder>``: a frozen reward model or GVM scores each sequence at its last token (see
-    ``dvpo rm``); the higher score is preferred, a tie is no preference."""
+    """``vpo.judge=<folder>``: a frozen reward model scores each sequence at its final token (see ``dvpo rm``),
+    a GVM at the state before it (the last state it is trained on); the higher score is preferred, a tie is
+    no preference."""
 
     def __init__(self, path: str, tokenizer, *, batch_size: int, device: torch.device, bf16: bool):
         check_same_vocabulary(tokenizer, load_tokenizer(path), f"the judge at {path}")
         self.model = frozen_value_model(path, tokenizer, device, bf16)
-        self.pad_token_id, self.batch_size, self.device = tokenizer.pad_token_id, batch_size, device
+        self.pad_token_id, self.batch_size, self.device, self.bf16 = tokenizer.pad_token_id, batch_size, device, bf16
 
     @torch.no_grad()
     def scores(self, sequences: list[EncodedSequence]) -> list[float]:
         out = []
         for start in range(0, len(sequences), self.batch_size):
             batch = collate_rows(sequences[start:start + self.batch_size], self.pad_token_id).to(self.device)
-            out += sequence_scores(self.model, batch).tolist()
+            with autocast(self.device, self.bf16):
+                if self.model.is_gvm:
+                    values = self.model(batch.input_ids, batch.attention_mask)[:, :-1]
+                    out += last_values(values, batch.mask).tolist()
+                else:
+                    out += sequence_scores(self.model, batch).tolist()
         return out
 
     def __call__(self, prompts: list[list[int]], first: list[list[int]], second: list[list[int]],
@@ -242,7 +252,7 @@ class OnlineRounds:
         generator = seeded_generator(run.device, "online", seed, round_index, distributed.rank())
         with parallel.gathered_root(run.policy):
             responses = sample_responses(self.engine, [p for p in prompts for _ in (0, 1)], self.cfg.rollout,
-                                         run.tokenizer, generator)
+                                         run.tokenizer, generator, run.bf16)
         first, second = responses[0::2], responses[1::2]
         judged = gather_lists(list(zip(prompts, first, second, self.judge(prompts, first, second, round_index))))
         kept = [(p, a, b) if prefer else (p, b, a) for p, a, b, (prefer, _, _) in judged

@@ -30,3 +30,12 @@ def autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def generation_autocast(device: torch.device, bf16: bool):
+    """The run's autocast for sampling, so decoding computes (and keeps its KV cache) in bf16 like the
+    training forwards. Without autocast's weight-cast cache on CUDA: a captured decode graph would keep
+    reading cached casts that are freed when the context exits (the casts are captured instead)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=device.type != "cuda")
