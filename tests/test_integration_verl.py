@@ -56,7 +56,7 @@ def test_policy_loss_matches_verl_vanilla(mode, is_weights, info):
 
 def test_agg_options_reject_unknown_mode():
     with pytest.raises(ValueError, match="loss_agg_mode"):
-        dk_verl.agg_options("token-max")
+        dk_verl.agg_options("token-max", torch.ones(2, 3))
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])

@@ -73,7 +73,7 @@ class DVPOConfig(GRPOConfig):
 
 
 # GRPO loss types the fused loss reproduces, as dvpo loss_agg modes
-LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum",
              "dapo": "token-mean"}
 
 
@@ -189,7 +189,8 @@ class DVPOTrainer(GRPOTrainer):
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         agg = {"loss_agg": LOSS_AGGS[self.loss_type]}
         if self.loss_type == "dr_grpo":
-            agg.update(normalizer=float(mask.shape[0]), loss_scale_factor=self.max_completion_length)
+            # Dr. GRPO: row sums over the batch size times the constant max_completion_length
+            agg["normalizer"] = float(mask.shape[0] * self.max_completion_length)
         elif self.loss_type == "dapo":
             n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             agg["normalizer"] = n * accum / self.args.steps_per_generation if mode == "train" else n

@@ -34,9 +34,9 @@ BACKEND = "dvpo"
 
 # --- policy loss -------------------------------------------------------------------------------
 
-def agg_options(loss_agg_mode: str, global_batch_info: dict | None = None) -> dict:
+def agg_options(loss_agg_mode: str, mask: Tensor, global_batch_info: dict | None = None) -> dict:
     """verl's ``agg_loss(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)`` as the
-    ``loss_agg`` / ``normalizer`` / ``loss_scale_factor`` keywords of ``dk.policy_loss``."""
+    ``loss_agg`` / ``normalizer`` keywords of ``dk.policy_loss``."""
     info = dict(global_batch_info or {})
     dp = info.get("dp_size", 1) or 1
     if loss_agg_mode in ("token-mean", "token-sum"):
@@ -45,10 +45,12 @@ def agg_options(loss_agg_mode: str, global_batch_info: dict | None = None) -> di
     if loss_agg_mode not in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         raise ValueError(f"loss_agg_mode must be one of verl's modes, got {loss_agg_mode!r}")
     seqs = info.get("global_batch_size")
-    out = {"loss_agg": loss_agg_mode, "normalizer": None if seqs is None else _number(seqs) / dp}
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        out["loss_scale_factor"] = info.get("loss_scale_factor")
-    return out
+    if loss_agg_mode != "seq-mean-token-sum-norm":
+        return {"loss_agg": loss_agg_mode, "normalizer": None if seqs is None else _number(seqs) / dp}
+    # verl: the sequence mean (over non-empty rows, or the global batch) of row sums, over a constant
+    rows = (mask.sum(-1) > 0).sum().clamp(min=1) if seqs is None else _number(seqs) / dp
+    scale = info.get("loss_scale_factor") or mask.shape[-1]
+    return {"loss_agg": "seq-mean-token-sum", "normalizer": rows * scale}
 
 
 def _number(x) -> float:
@@ -67,7 +69,7 @@ def compute_policy_loss_dvpo(old_log_prob: Tensor, log_prob: Tensor, advantages:
     loss, m = F.policy_loss(log_prob, old_log_prob, advantages, response_mask,
                             clip_low=clip if low is None else low, clip_high=clip if high is None else high,
                             dual_clip=config.get("clip_ratio_c", 3.0), is_weights=rollout_is_weights,
-                            **agg_options(loss_agg_mode, config.get("global_batch_info", None)))
+                            **agg_options(loss_agg_mode, response_mask, config.get("global_batch_info", None)))
     metrics = {"actor/pg_clipfrac": m["clipfrac"].item(), "actor/ppo_kl": m["ppo_kl"].item(),
                "actor/pg_clipfrac_lower": m["clipfrac_lower"].item()}
     return loss, metrics
