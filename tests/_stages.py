@@ -17,7 +17,7 @@ needs_hh = pytest.mark.skipif(not HH.is_file(), reason="shared HH data not prese
 
 # Shrinks any example to a few seconds on a CPU: tiny model, short sequences, few records.
 TINY = {"model.hidden_size": "32", "model.num_heads": "2", "model.num_kv_heads": "1", "model.vocab_size": "300",
-        "data.max_length": "64", "train.progress_bar": "false", "train.device": "cpu"}
+        "data.max_length": "128", "data.truncation": "prompt_left", "train.progress_bar": "false", "train.device": "cpu"}
 
 
 def stage_config(stage: str, example: str | None, out: Path, **overrides):

@@ -110,7 +110,8 @@ def test_cli_errors_and_print_config(capsys, tmp_path):
 def test_cli_trains_the_example_config_briefly(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the example's data path is relative to the repository root
     out = tmp_path / "run"
-    rc = main(["gvm", "--config", "examples/gvm_tiny.yaml", "--data.limit", "24", "--data.max_length", "32",
+    rc = main(["gvm", "--config", "examples/gvm_tiny.yaml", "--data.limit", "24", "--data.max_length", "128",
+               "--data.truncation", "prompt_left",
                "--train.batch_size", "4", "--train.max_steps", "2", "--train.progress_bar", "false",
                "--model.hidden_size", "32", "--model.vocab_size", "300", "--model.path", "null",
                f"train.output_dir={out}"])

@@ -146,14 +146,43 @@ def test_parse_hh_dialogue_keeps_a_preamble():
 
 # --- templates, encoding, truncation ---------------------------------------------------------
 
-def test_truncation_keeps_the_response_end():
+def test_truncation_never_cuts_the_response():
     bos, p, r = 1, [1, 10, 11, 12, 13], [20, 21, 22, 2]
-    assert truncate(p, r, 9, bos_token_id=bos) == (p, r, False, False)
-    assert truncate(p, r, 7, bos_token_id=bos) == ([1, 12, 13], r, True, False)  # prompt from the left, BOS kept
-    assert truncate(p, r, 5, bos_token_id=bos) == ([1], r, True, False)
-    assert truncate(p, r, 3, bos_token_id=bos) == ([1], [22, 2], True, True)  # then the response, EOS kept
-    assert truncate(p, r, 3) == ([13], [22, 2], True, True)
-    assert truncate(p, r, 20, max_prompt_length=2, bos_token_id=bos) == ([1, 13], r, True, False)
+    assert truncate(p, r, 9, bos_token_id=bos) == (p, False)
+    assert truncate(p, r, 7, bos_token_id=bos) == ([1, 12, 13], True)  # the prompt's left side, BOS kept
+    assert truncate(p, r, 6, bos_token_id=bos) == ([1, 13], True)
+    assert truncate(p, r, 5, bos_token_id=bos) is None  # BOS alone is no context: dropped
+    assert truncate(p, r, 5) == ([13], True)
+    assert truncate(p, r, 4) is None  # the response alone fills max_length
+    assert truncate(p, r, 20, max_prompt_length=2, bos_token_id=bos) == ([1, 13], True)
+    assert truncate(p, r, 7, bos_token_id=bos, mode="drop") is None
+    assert truncate(p, r, 9, bos_token_id=bos, mode="drop") == (p, False)
+    assert truncate(p, r, 7, max_prompt_length=3, bos_token_id=bos, mode="drop") == ([1, 12, 13], True)
+    with pytest.raises(ValueError, match="mode must be one of drop, prompt_left"):
+        truncate(p, r, 9, mode="right")
+
+
+def test_long_examples_are_dropped_by_default_and_counted(tokenizer):
+    conv = [{"role": "user", "content": "hello there, how are you?"}]
+    responses = ["I am fine, thanks. And you? I am fine, thanks.", "fine"]
+    full = [len(s) for s in Encoder(tokenizer, template="plain", max_length=1000).encode(conv, responses, "x:0")]
+    stats = DataStats("enc")
+    drop = Encoder(tokenizer, template="plain", max_length=max(full) - 1, stats=stats)
+    assert drop.encode(conv, responses, "x:1") is None
+    assert stats.skipped == {"longer than data.max_length (data.truncation=drop)": 1}
+    assert stats.as_dict()["skipped_examples"] == {"longer than data.max_length (data.truncation=drop)": ["x:1"]}
+    assert drop.encode(conv, responses[1:], "x:2") is not None  # the short one fits
+
+    stats = DataStats("enc")
+    left = Encoder(tokenizer, template="plain", max_length=max(full) - 3, truncation="prompt_left", stats=stats)
+    long, short = left.encode(conv, responses, "x:3")
+    reference = Encoder(tokenizer, template="plain").encode(conv, responses, "x:0")
+    assert long.response_ids == reference[0].response_ids and short == reference[1]  # responses untouched
+    assert len(long) == max(full) - 3 and long.prompt_ids[0] == tokenizer.bos_token_id
+    assert long.prompt_ids[1:] == reference[0].prompt_ids[-(len(long.prompt_ids) - 1):]  # the prompt's right end
+    assert stats.notes == {"sequences with the prompt truncated": 1} and not stats.skipped
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        Encoder(tokenizer, truncation="keep_end")
 
 
 def test_encoder_plain_and_chat(tokenizer):
@@ -183,13 +212,13 @@ def test_encoder_plain_and_chat(tokenizer):
 
 def test_encoder_counts_truncation_and_identical_pairs(tokenizer):
     stats = DataStats("enc")
-    enc = Encoder(tokenizer, template="plain", max_length=6, stats=stats)
-    out = enc.encode([{"role": "user", "content": "hello there, how are you?"}], ["I am fine, thanks", "And you?"],
-                     "x:1")
-    assert all(len(s) <= 6 and s.response_ids[-1] == tokenizer.eos_token_id for s in out)
+    enc = Encoder(tokenizer, template="plain", max_length=12, truncation="prompt_left", stats=stats)
+    out = enc.encode([{"role": "user", "content": "hello there, how are you?"}], ["I am fine", "And you?"], "x:1")
+    assert all(len(s) <= 12 and s.response_ids[-1] == tokenizer.eos_token_id for s in out)
     assert stats.notes["sequences with the prompt truncated"] == 2
-    same = enc.encode("p", [" long text that ends the same", " other text that ends the same"], "x:2")
-    assert same is None and stats.skipped == {"responses identical after truncation": 1}
+    # texts that differ but encode alike (an explicit EOS is not doubled)
+    same = Encoder(tokenizer, template="plain", stats=stats).encode("p", [" fine", " fine<eos>"], "x:2")
+    assert same is None and stats.skipped == {"responses encode identically": 1}
 
 
 # --- value batches ---------------------------------------------------------------------------

@@ -12,8 +12,11 @@ class DataConfig:
     template: Literal["auto", "chat", "plain"] = option(
         "auto", "how conversations become text: the tokenizer's chat template (chat), HH style "
                 "'\\n\\nHuman: ...\\n\\nAssistant:' (plain), or chat when the tokenizer has a template (auto)")
-    max_length: int = option(1024, "tokens per sequence (prompt + response); longer ones lose prompt tokens from "
-                                   "the left first, then response tokens from the left (EOS is kept)")
+    max_length: int = option(1024, "tokens per sequence (prompt + response); see data.truncation for longer ones")
+    truncation: Literal["drop", "prompt_left"] = option(
+        "drop", "an example longer than data.max_length is dropped (drop, counted in data_stats.json), or its prompt "
+                "loses tokens from the left (prompt_left; dropped if its response alone does not fit); a response "
+                "is never cut")
     max_prompt_length: int | None = option(None, "cap on prompt tokens, cut from the left (null = no cap)")
     limit: int = option(0, "use only the first N records of the training files (0 = all)")
 

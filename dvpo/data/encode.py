@@ -1,9 +1,11 @@
-"""Tokenising prompt/response examples with truncation that keeps the end of the response.
+"""Tokenising prompt/response examples; an example too long for ``max_length`` is dropped or loses
+the left side of its prompt, never part of its response.
 
-A response is its text's tokens followed by EOS. When prompt + response exceed ``max_length``,
-the prompt loses tokens from the left first (a leading BOS is kept), down to one token, and only
-then the response loses tokens from the left, so the response's end and its EOS, where the
-reward sits, always survive.
+A response is its text's tokens followed by EOS. Cutting into a response would train on text without
+the context it answers (and the official DVPO code drops such examples), so ``truncation="drop"`` (the
+default) drops every example longer than ``max_length`` and ``"prompt_left"`` cuts its prompt from the
+left (a leading BOS is kept) down to one token, dropping only examples whose response still does not fit.
+``max_prompt_length`` caps the prompt (from the left) first, in both modes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from dataclasses import dataclass
 from .records import Prompt
 from .stats import DataStats
 from .templates import prompt_has_special_tokens, render_prompt, render_response, resolve_template
+
+TRUNCATION_MODES = ("drop", "prompt_left")
+TOO_LONG = "longer than data.max_length"
 
 
 @dataclass(frozen=True)
@@ -33,21 +38,24 @@ def _keep_last(ids: list[int], n: int, keep_first: bool) -> list[int]:
 
 
 def truncate(prompt_ids: list[int], response_ids: list[int], max_length: int, max_prompt_length: int | None = None,
-             bos_token_id: int | None = None) -> tuple[list[int], list[int], bool, bool]:
-    """-> (prompt, response, prompt_truncated, response_truncated); see the module docstring."""
+             bos_token_id: int | None = None, mode: str = "prompt_left") -> tuple[list[int], bool] | None:
+    """-> (prompt, prompt_truncated), or None when the example must be dropped; see the module docstring.
+    A prompt that keeps its BOS keeps at least one token after it."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    keep_bos = bos_token_id is not None and bool(prompt_ids) and prompt_ids[0] == bos_token_id
-    p, r = prompt_ids, response_ids
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+    keep_bos = bos_token_id is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos_token_id
+    shortest = 2 if keep_bos else 1
+    p = prompt_ids
     if max_prompt_length is not None and len(p) > max_prompt_length:
-        p = _keep_last(p, max(1, max_prompt_length), keep_bos)
-    over = len(p) + len(r) - max_length
+        p = _keep_last(p, max(shortest, max_prompt_length), keep_bos)
+    over = len(p) + len(response_ids) - max_length
     if over > 0:
-        p = _keep_last(p, max(1, len(p) - over), keep_bos)
-        over = len(p) + len(r) - max_length
-    if over > 0:
-        r = r[over:]
-    return p, r, len(p) < len(prompt_ids), len(r) < len(response_ids)
+        if mode == "drop" or len(p) - over < min(shortest, len(p)):
+            return None
+        p = _keep_last(p, len(p) - over, keep_bos)
+    return p, len(p) < len(prompt_ids)
 
 
 class Encoder:
@@ -56,12 +64,14 @@ class Encoder:
     ``template`` is ``auto``, ``chat`` or ``plain`` (see :mod:`dvpo.data.templates`)."""
 
     def __init__(self, tokenizer, *, template: str = "auto", max_length: int = 1024,
-                 max_prompt_length: int | None = None, stats: DataStats | None = None):
+                 max_prompt_length: int | None = None, truncation: str = "drop", stats: DataStats | None = None):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; responses must end with one")
         self.tokenizer = tokenizer
         self.template = resolve_template(template, tokenizer)
-        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got {truncation!r}")
+        self.max_length, self.max_prompt_length, self.truncation = max_length, max_prompt_length, truncation
         self.stats = stats if stats is not None else DataStats("encoded examples")
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -81,14 +91,17 @@ class Encoder:
             return None
         out = []
         for response in responses:
-            p, r, p_cut, r_cut = truncate(prompt_ids, self.response_ids(prompt, response), self.max_length,
-                                          self.max_prompt_length, self.tokenizer.bos_token_id)
+            response_ids = self.response_ids(prompt, response)
+            fitted = truncate(prompt_ids, response_ids, self.max_length, self.max_prompt_length,
+                              self.tokenizer.bos_token_id, self.truncation)
+            if fitted is None:
+                self.stats.skip(f"{TOO_LONG} (data.truncation={self.truncation})", where)
+                return None
+            p, p_cut = fitted
             if p_cut:
                 self.stats.note("sequences with the prompt truncated")
-            if r_cut:
-                self.stats.note("sequences with the response truncated")
-            out.append(EncodedSequence(p, r))
+            out.append(EncodedSequence(p, response_ids))
         if len(out) == 2 and out[0] == out[1]:
-            self.stats.skip("responses identical after truncation", where)
+            self.stats.skip("responses encode identically", where)
             return None
         return out

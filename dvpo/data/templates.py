@@ -14,6 +14,7 @@ from .records import Prompt
 
 Template = Literal["auto", "chat", "plain"]
 _PLAIN_ROLES = {"user": "Human", "assistant": "Assistant"}
+_MARK = "dvpo-end-of-turn-probe"
 
 
 def resolve_template(mode: str, tokenizer) -> str:
@@ -59,3 +60,15 @@ def render_response(prompt: Prompt, response: str, template: str) -> str:
 def prompt_has_special_tokens(prompt: Prompt, template: str) -> bool:
     """A chat-templated prompt already carries its special tokens (BOS and the like)."""
     return not isinstance(prompt, str) and template == "chat"
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``): where a sampled turn ends. None without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}],
+                                         tokenize=False)
+    ids = tokenizer.encode(text[text.index(_MARK) + len(_MARK):], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return ids[0] if ids and ids[0] in special else None

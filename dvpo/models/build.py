@@ -79,10 +79,33 @@ def load_token_value_model(cfg: ModelConfig, tokenizer, device: torch.device) ->
         nn.init.zeros_(head.weight)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
+    train_top_layers(model, cfg.trainable_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.to(device)
+
+
+def train_top_layers(model: nn.Module, k: int) -> nn.Module:
+    """Freeze all but the top ``k`` decoder layers, the final norm and the head (``score``, or an untied LM
+    head: a head tied to the input embeddings stays frozen, as training it would train the embeddings and
+    send the backward pass through every layer). ``k = 0`` leaves everything trainable."""
+    if k <= 0:
+        return model
+    backbone = getattr(model, model.base_model_prefix)
+    layers = backbone.layers
+    if k > len(layers):
+        raise ValueError(f"model.trainable_layers={k} but the model has {len(layers)} decoder layers")
+    model.requires_grad_(False)
+    for module in (*layers[len(layers) - k:], backbone.norm):
+        module.requires_grad_(True)
+    head = getattr(model, "score", None) or model.get_output_embeddings()
+    if head.weight is not model.get_input_embeddings().weight:
+        head.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("training the top %d of %d layers: %d of %d parameters", k, len(layers), trainable,
+             sum(p.numel() for p in model.parameters()))
+    return model
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig, trainable_heads: tuple[str, ...] = ("score",)) -> nn.Module:

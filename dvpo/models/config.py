@@ -27,6 +27,8 @@ class ModelConfig:
         "auto", "attention kernel; auto = flash_attention_2 when flash-attn is installed and the run is on CUDA, "
                 "else sdpa")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    trainable_layers: int = option(0, "train only the top N decoder layers, the final norm and the head (an LM head "
+                                      "tied to the embeddings stays frozen); 0 = all layers")
     lora_r: int = option(0, "LoRA rank on the backbone's linear layers (0 = train all weights; needs peft)")
     lora_alpha: float = option(16.0, "LoRA alpha")
     lora_dropout: float = option(0.0, "LoRA dropout")
@@ -49,3 +51,7 @@ class ModelConfig:
                               f"got {self.vocab_size}")
         if self.lora_r < 0:
             raise ConfigError(f"model.lora_r must be >= 0, got {self.lora_r}")
+        if self.trainable_layers < 0:
+            raise ConfigError(f"model.trainable_layers must be >= 0, got {self.trainable_layers}")
+        if self.trainable_layers and self.lora_r:
+            raise ConfigError("model.trainable_layers and model.lora_r are alternatives; set one of them")

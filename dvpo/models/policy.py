@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import dvpo_kernels as dk
 
-from .build import DTYPES, attn_implementation, config_from_fields
+from .build import DTYPES, attn_implementation, config_from_fields, train_top_layers
 from .config import ModelConfig
 from .wrapper import HFWrapper
 
@@ -39,6 +39,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, device: torch.device) -> nn.Modu
             model.resize_token_embeddings(len(tokenizer))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    train_top_layers(model, cfg.trainable_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -169,7 +169,8 @@ def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
         pair_stats.notes["pairs held out for evaluation"] = len(eval_pairs)
     scored = read_scored(scored_files, scored_stats, limit=d.limit) if scored_files else []
     tokenizer = stage_tokenizer(model, resume_from, lambda: _texts(pairs, scored))
-    kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
+    kw = {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+          "truncation": d.truncation}
     examples = _encode_pairs(pairs, Encoder(tokenizer, stats=pair_stats, **kw))
     examples += _encode_scored(scored, Encoder(tokenizer, stats=scored_stats, **kw))
     held_out = _encode_pairs(eval_pairs, Encoder(tokenizer, stats=eval_stats, **kw))

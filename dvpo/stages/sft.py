@@ -95,7 +95,7 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
     tokenizer = stage_tokenizer(cfg.model, resume_from, lambda: (
         render_prompt(d.prompt, None, "plain") + render_response(d.prompt, d.response, "plain") for d in demos))
     kw = {"template": cfg.data.template, "max_length": cfg.data.max_length,
-          "max_prompt_length": cfg.data.max_prompt_length}
+          "max_prompt_length": cfg.data.max_prompt_length, "truncation": cfg.data.truncation}
     train = encode_demonstrations(demos, Encoder(tokenizer, stats=train_stats, **kw))
     evals = encode_demonstrations(held, Encoder(tokenizer, stats=eval_stats, **kw))
     for stats in (train_stats, eval_stats):
