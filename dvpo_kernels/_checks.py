@@ -12,8 +12,8 @@ import os
 
 import torch
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_TYPES = ("k1", "k2", "k3")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES = ("k1", "k2", "k3", "abs", "low_var_kl", "kl", "mse")
 VALUE_NORMS = ("seq", "batch", "none")
 MEMORY_MODES = ("speed", "lean")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -36,13 +36,13 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @custom_op("dvpo::linear_logprobs", mutates_args=())
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
                     temperature: float, return_entropy: bool, memory: str,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                    backend: str, softcap: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     fn = _backends.impl(backend, "linear_logprobs")
-    return fn(hidden, weight, targets, bias, temperature, return_entropy, memory)
+    return fn(hidden, weight, targets, bias, temperature, return_entropy, memory, softcap, scale)
 
 
 @register_fake("dvpo::linear_logprobs")
-def _(hidden, weight, targets, bias, temperature, return_entropy, memory, backend):
+def _(hidden, weight, targets, bias, temperature, return_entropy, memory, backend, softcap=0.0, scale=1.0):
     n = hidden.shape[0]
     sd = _sd(hidden)
     return (hidden.new_empty(n, dtype=sd), hidden.new_empty(n if return_entropy else 0, dtype=sd),
@@ -53,16 +53,16 @@ def _(hidden, weight, targets, bias, temperature, return_entropy, memory, backen
 def linear_logprobs_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor,
                              weight: Tensor, targets: Tensor, bias: Optional[Tensor], lse: Tensor,
                              entropy: Tensor, temperature: float, memory: str, backend: str,
-                             need: int) -> tuple[Tensor, Tensor, Tensor]:
+                             need: int, softcap: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     fn = _backends.impl(backend, "linear_logprobs_backward")
     dh, dw, db = fn(grad_logp, grad_entropy, hidden, weight, targets, bias, temperature, lse, entropy,
-                    memory, _flags(need))
+                    memory, _flags(need), softcap, scale)
     return _or_empty(dh, hidden), _or_empty(dw, weight), _or_empty(db, weight)
 
 
 @register_fake("dvpo::linear_logprobs_backward")
 def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, memory,
-      backend, need):
+      backend, need, softcap=0.0, scale=1.0):
     dh, dw, db = _flags(need)
     return (torch.empty_like(hidden) if dh else hidden.new_empty(_EMPTY),
             torch.empty_like(weight) if dw else weight.new_empty(_EMPTY),
@@ -70,22 +70,22 @@ def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temp
 
 
 def _ll_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, return_entropy, memory, backend = inputs
+    hidden, weight, targets, bias, temperature, return_entropy, memory, backend, softcap, scale = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, targets, bias, lse, ent)
-    ctx.cfg = (temperature, return_entropy, memory, backend)
+    ctx.cfg = (temperature, return_entropy, memory, backend, softcap, scale)
 
 
 def _ll_backward(ctx, g_logp, g_ent, _g_lse):
     hidden, weight, targets, bias, lse, ent = ctx.saved_tensors
-    temperature, return_entropy, memory, backend = ctx.cfg
+    temperature, return_entropy, memory, backend, softcap, scale = ctx.cfg
     need = (NEED_H * ctx.needs_input_grad[0] + NEED_W * ctx.needs_input_grad[1]
             + NEED_B * (bias is not None and ctx.needs_input_grad[3]))
     dh, dw, db = torch.ops.dvpo.linear_logprobs_backward(
         g_logp, g_ent if return_entropy else None, hidden, weight, targets, bias, lse, ent,
-        temperature, memory, backend, need)
+        temperature, memory, backend, need, softcap, scale)
     dh, dw, db = (t if need & f else None for t, f in ((dh, NEED_H), (dw, NEED_W), (db, NEED_B)))
-    return dh, dw, None, db, None, None, None, None
+    return dh, dw, None, db, None, None, None, None, None, None
 
 
 linear_logprobs.register_autograd(_ll_backward, setup_context=_ll_setup)
@@ -131,21 +131,22 @@ policy_loss.register_autograd(_pl_backward, setup_context=_pl_setup)
 
 
 @custom_op("dvpo::fused_policy_loss", mutates_args=())
-def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old: Tensor, adv: Tensor,
+def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old: Optional[Tensor], adv: Tensor,
                       tok_weight: Tensor, mask: Tensor, ref: Optional[Tensor], bias: Optional[Tensor],
                       clip_low: float, clip_high: float, dual_clip: float, kl_coef: float, kl_type: str,
                       entropy_coef: float, temperature: float, memory: str, backend: str,
-                      need: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      need: int, softcap: float = 0.0,
+                      scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     p = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
     loss, stats, dh, dw, db = _backends.impl(backend, "fused_policy_loss")(
         hidden, weight, targets, old, adv, tok_weight, mask, ref, bias, p, temperature, memory,
-        _flags(need))
+        _flags(need), softcap, scale)
     return loss, stats, _or_empty(dh, hidden), _or_empty(dw, weight), _or_empty(db, weight)
 
 
 @register_fake("dvpo::fused_policy_loss")
 def _(hidden, weight, targets, old, adv, tok_weight, mask, ref, bias, clip_low, clip_high, dual_clip,
-      kl_coef, kl_type, entropy_coef, temperature, memory, backend, need):
+      kl_coef, kl_type, entropy_coef, temperature, memory, backend, need, softcap=0.0, scale=1.0):
     sd = _sd(hidden)
     dh, dw, db = _flags(need)
     return (hidden.new_empty((), dtype=sd), hidden.new_empty(len(STAT_NAMES), dtype=sd),
@@ -155,7 +156,7 @@ def _(hidden, weight, targets, old, adv, tok_weight, mask, ref, bias, clip_low, 
 
 
 def _fpl_setup(ctx, inputs, output):
-    ctx.need = inputs[-1]
+    ctx.need = inputs[18]
     ctx.save_for_backward(*output[2:])
 
 
@@ -163,7 +164,7 @@ def _fpl_backward(ctx, g_loss, _g_stats, _g_dh, _g_dw, _g_db):
     dh, dw, db = ctx.saved_tensors
     # Out of place, so retain_graph / gradcheck can run backward more than once.
     scale = (lambda t, f: (t * g_loss).to(t.dtype) if ctx.need & f else None)
-    return (scale(dh, NEED_H), scale(dw, NEED_W)) + (None,) * 6 + (scale(db, NEED_B),) + (None,) * 10
+    return (scale(dh, NEED_H), scale(dw, NEED_W)) + (None,) * 6 + (scale(db, NEED_B),) + (None,) * 12
 
 
 fused_policy_loss.register_autograd(_fpl_backward, setup_context=_fpl_setup)

@@ -6,7 +6,9 @@ from typing import NamedTuple
 # Masked sums every backend returns next to the loss; the functional API divides by the
 # valid-token count. Order matters: kernels write them by index.
 STAT_NAMES = ("clipfrac", "ratio_mean", "ppo_kl", "kl", "entropy", "clipfrac_lower")
-KL_TYPE_IDS = {"k1": 1, "k2": 2, "k3": 3}
+KL_TYPE_IDS = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
+# verl's names for our KL estimators (verl's low_var_kl is k3 with clamps, so it keeps its own id).
+KL_ALIASES = {"kl": "k1", "mse": "k2"}
 
 
 class LossParams(NamedTuple):

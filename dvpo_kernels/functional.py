@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _checks as C, _ops
-from ._params import STAT_NAMES
+from ._params import KL_ALIASES, STAT_NAMES
 
 
 
@@ -43,10 +43,45 @@ def _loss_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
     else:
         dual = C.finite("dual_clip", dual_clip, lo=1.0, lo_open=True)
     kl_coef = C.finite("kl_coef", kl_coef)
-    C.choice("kl_type", kl_type, ("k1", "k2", "k3"))
+    kl_type = KL_ALIASES.get(C.choice("kl_type", kl_type, C.KL_TYPES), kl_type)
     entropy_coef = C.finite("entropy_coef", entropy_coef)
     C.choice("loss_agg", loss_agg, C.LOSS_AGGS)
     return clip_low, clip_high, dual, kl_coef, kl_type, entropy_coef
+
+
+def _logit_transform(logit_softcap, logit_scale):
+    """(softcap, scale) as the ops take them: 0.0 = no soft-capping, 1.0 = no scale."""
+    cap = 0.0 if logit_softcap is None else C.finite("logit_softcap", logit_softcap, lo=0.0, lo_open=True)
+    scale = 1.0 if logit_scale is None else C.finite("logit_scale", logit_scale, lo=0.0, lo_open=True)
+    return cap, scale
+
+
+def _row_broadcast(name, t, shape, ref_name, device):
+    """A per-token tensor of ``shape``, or for [B, T] tensors one value per row ([B]), broadcast."""
+    C.tensor(name, t)
+    C.same_device(name, t, device)
+    if len(shape) == 2 and tuple(t.shape) == (shape[0],):
+        return t[:, None].expand(shape).reshape(-1)
+    if tuple(t.shape) != tuple(shape):
+        rows = f" or {(shape[0],)} (one per row)" if len(shape) == 2 else ""
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of {ref_name}){rows}")
+    return t.reshape(-1)
+
+
+def _token_weights(m, loss_agg, normalizer, loss_scale_factor, is_weights, shape, ref_name, sd, dev):
+    """Flat per-token loss weights: the aggregation rule times the importance weights (no gradient)."""
+    if loss_scale_factor is not None:
+        if loss_agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"loss_scale_factor applies to loss_agg='seq-mean-token-sum-norm' only, got "
+                             f"loss_agg={loss_agg!r}")
+        loss_scale_factor = C.finite("loss_scale_factor", loss_scale_factor, lo=0.0, lo_open=True)
+    if normalizer is not None and loss_agg == "seq-mean-token-sum-norm":
+        raise ValueError("normalizer does not apply to loss_agg='seq-mean-token-sum-norm'; its constant is "
+                         "loss_scale_factor")
+    w = aggregation_weights(m, loss_agg, _normalizer(normalizer, sd, dev), sd, loss_scale_factor).reshape(-1)
+    if is_weights is None:
+        return w
+    return w * _row_broadcast("is_weights", is_weights, shape, ref_name, dev).detach().to(sd)
 
 
 def _normalizer(normalizer, dtype, device):
@@ -59,13 +94,18 @@ def _normalizer(normalizer, dtype, device):
     return C.finite("normalizer", normalizer, lo=0.0, lo_open=True)
 
 
-def aggregation_weights(mask: Tensor, loss_agg: str, normalizer=None, dtype=torch.float32) -> Tensor:
+def aggregation_weights(mask: Tensor, loss_agg: str, normalizer=None, dtype=torch.float32,
+                        loss_scale_factor=None) -> Tensor:
     """Per-token weights w with loss = sum(w * l): the ``loss_agg`` rule of DESIGN.md §3.2.
 
     ``normalizer`` replaces the final denominator: the token count for token-mean, the
     number of non-empty sequences for the seq-mean modes. A 1-D mask is one sequence.
+    ``seq-mean-token-sum-norm`` is verl's ``agg_loss`` (Dr. GRPO): every row's masked sum over
+    one constant, ``loss_scale_factor`` (default: the mask's last dim, the horizon), summed.
     """
     m = mask.to(dtype)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     if loss_agg == "token-mean":
         denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
         return m / denom
@@ -99,9 +139,12 @@ def _per_token(name, t, shape, ref_name, device):
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float = 1.0, return_entropy: bool = False, memory: str = "speed",
+                    logit_softcap: float | None = None, logit_scale: float | None = None,
                     backend: str | None = None):
     """log_softmax((hidden @ weight.T + bias) / temperature)[targets], without a [N, V] tensor.
 
+    ``logit_scale`` (Cohere) then ``logit_softcap`` (Gemma 2/3) act before the temperature:
+    ``logits = softcap * tanh((hidden @ weight.T + bias) * scale / softcap)``.
     Returns ``logp`` (shape of ``targets``) or ``(logp, entropy)`` with ``return_entropy``.
     """
     _check_hidden_weight(hidden, weight, bias)
@@ -109,43 +152,55 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     tgt = C.targets("targets", targets, lead, "hidden without its last dim", weight.shape[0], hidden.device)
     temperature = C.finite("temperature", temperature, lo=0.0, lo_open=True)
     C.choice("memory", memory, C.MEMORY_MODES)
+    softcap, scale = _logit_transform(logit_softcap, logit_scale)
     name = _backends.resolve("linear_logprobs", backend, hidden.device)
     logp, ent, _ = _ops.linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, tgt.reshape(-1), bias,
-                                        temperature, bool(return_entropy), memory, name)
+                                        temperature, bool(return_entropy), memory, name, softcap, scale)
     logp = logp.view(lead)
     return (logp, ent.view(lead)) if return_entropy else logp
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
                 ref_logprobs: Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                 dual_clip: float | None = None, kl_coef: float = 0.0, kl_type: str = "k3",
                 entropy: Tensor | None = None, entropy_coef: float = 0.0, loss_agg: str = "token-mean",
-                normalizer=None, backend: str | None = None):
-    """PPO clipped surrogate (+ KL, - entropy bonus) aggregated by ``loss_agg``. Returns (loss, metrics)."""
+                normalizer=None, is_weights: Tensor | None = None, loss_scale_factor: float | None = None,
+                backend: str | None = None):
+    """PPO clipped surrogate (+ KL, - entropy bonus) aggregated by ``loss_agg``. Returns (loss, metrics).
+
+    ``old_logprobs=None``: on-policy (ratio 1, the gradient of logp). ``advantages`` and
+    ``is_weights`` (importance weights multiplying each token's loss, no gradient) may be [B]
+    for [B, T] log-probs. ``kl_type`` also takes verl's names: kl (= k1), mse (= k2), abs,
+    low_var_kl (k3 with verl's clamps).
+    """
     C.tensor("logprobs", logprobs, ndim=(1, 2))
     shape, dev = logprobs.shape, logprobs.device
     params = _loss_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, loss_agg)
-    old = _per_token("old_logprobs", old_logprobs, shape, "logprobs", dev)
-    adv = _per_token("advantages", advantages, shape, "logprobs", dev)
+    old = (logprobs.detach().reshape(-1) if old_logprobs is None
+           else _per_token("old_logprobs", old_logprobs, shape, "logprobs", dev))
+    adv = _row_broadcast("advantages", advantages, shape, "logprobs", dev)
     m = C.mask("mask", mask, shape, "logprobs", dev)
     ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, shape, "logprobs", dev)
     ent = None if entropy is None else _per_token("entropy", entropy, shape, "logprobs", dev)
     sd = C.stat_dtype(logprobs)
-    w = aggregation_weights(m, loss_agg, _normalizer(normalizer, sd, dev), sd).reshape(-1)
+    w = _token_weights(m, loss_agg, normalizer, loss_scale_factor, is_weights, shape, "logprobs", sd, dev)
     name = _backends.resolve("policy_loss", backend, dev)
     loss, stats, _, _ = _ops.policy_loss(logprobs.reshape(-1), ent, old, adv, w, m.reshape(-1), ref,
                                          *params, name)
     return loss, _metrics(stats, m, kl=ref is not None, entropy=ent is not None, dual=dual_clip is not None)
 
 
-def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor,
+def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor | None,
                       advantages: Tensor, mask: Tensor, *, bias: Tensor | None = None,
                       temperature: float = 1.0, ref_logprobs: Tensor | None = None, clip_low: float = 0.2,
                       clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
                       kl_type: str = "k3", entropy_coef: float = 0.0, loss_agg: str = "token-mean",
-                      normalizer=None, memory: str = "speed", backend: str | None = None):
+                      normalizer=None, is_weights: Tensor | None = None, loss_scale_factor: float | None = None,
+                      logit_softcap: float | None = None, logit_scale: float | None = None,
+                      memory: str = "speed", backend: str | None = None):
     """``policy_loss(linear_logprobs(hidden, weight, targets, ...), ...)`` fused: no [N, V] tensor,
-    masked tokens cost no GEMM work. Returns (loss, metrics)."""
+    masked tokens cost no GEMM work. Returns (loss, metrics). The keywords are those of the two
+    ops (``old_logprobs=None`` is on-policy, the log-probs then never leave the kernel)."""
     _check_hidden_weight(hidden, weight, bias)
     lead, dev = hidden.shape[:-1], hidden.device
     m = C.mask("mask", mask, lead, "hidden without its last dim", dev)
@@ -153,16 +208,17 @@ def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
     temperature = C.finite("temperature", temperature, lo=0.0, lo_open=True)
     C.choice("memory", memory, C.MEMORY_MODES)
     params = _loss_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, loss_agg)
-    old = _per_token("old_logprobs", old_logprobs, lead, "targets", dev)
-    adv = _per_token("advantages", advantages, lead, "targets", dev)
+    softcap, scale = _logit_transform(logit_softcap, logit_scale)
+    old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, lead, "targets", dev)
+    adv = _row_broadcast("advantages", advantages, lead, "targets", dev)
     ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, lead, "targets", dev)
     sd = C.stat_dtype(hidden)
-    w = aggregation_weights(m, loss_agg, _normalizer(normalizer, sd, dev), sd).reshape(-1)
+    w = _token_weights(m, loss_agg, normalizer, loss_scale_factor, is_weights, lead, "targets", sd, dev)
     name = _backends.resolve("fused_policy_loss", backend, dev)
     need = _need((hidden, _ops.NEED_H), (weight, _ops.NEED_W), (bias, _ops.NEED_B))
     loss, stats, *_ = _ops.fused_policy_loss(hidden.reshape(-1, hidden.shape[-1]), weight, tgt.reshape(-1),
                                              old, adv, w, m.reshape(-1), ref, bias, *params, temperature,
-                                             memory, name, need)
+                                             memory, name, need, softcap, scale)
     return loss, _metrics(stats, m, kl=ref is not None, entropy=params[5] != 0.0, dual=dual_clip is not None)
 
 
@@ -262,7 +318,7 @@ def dvpo_advantages(gvm_hidden: Tensor, value_weight: Tensor, value_bias, mask: 
 _ADV_KEYS = ("score", "gamma", "lam", "value_norm", "whiten_advantages")
 
 
-def dvpo_loss(policy_hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, old_logprobs: Tensor,
+def dvpo_loss(policy_hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, old_logprobs: Tensor | None,
               mask: Tensor, gvm_hidden: Tensor, value_weight: Tensor, value_bias, *,
               ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_in: str = "reward",
               backend: str | None = None, **kw):
@@ -272,12 +328,21 @@ def dvpo_loss(policy_hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ol
     ``kl_in="loss"`` adds ``kl_coef * kl_type(ref, logp)`` to the loss instead. Keywords of
     ``dvpo_advantages`` (score, gamma, lam, value_norm, whiten_advantages) go there, the rest
     to ``fused_policy_loss``. Returns (loss, metrics) with the advantage statistics added.
+    ``old_logprobs=None`` is on-policy; a KL reward then needs the current log-probs first (one
+    more forward pass of the LM head, without gradient).
     """
     C.choice("kl_in", kl_in, ("reward", "loss"))
     adv_kw = {k: kw.pop(k) for k in _ADV_KEYS if k in kw}
     in_reward = kl_in == "reward"
+    reward_old = old_logprobs
+    if in_reward and ref_logprobs is not None and old_logprobs is None:
+        with torch.no_grad():
+            head_kw = {k: kw[k] for k in ("bias", "temperature", "memory", "logit_softcap", "logit_scale") if k in kw}
+            valid = C.mask("mask", mask, targets.shape, "targets", targets.device)
+            reward_old = linear_logprobs(policy_hidden, lm_head_weight, torch.where(valid, targets, 0),
+                                         backend=backend, **head_kw)
     adv, _, values = dvpo_advantages(gvm_hidden, value_weight, value_bias, mask,
-                                     old_logprobs=old_logprobs if in_reward and ref_logprobs is not None else None,
+                                     old_logprobs=reward_old if in_reward and ref_logprobs is not None else None,
                                      ref_logprobs=ref_logprobs if in_reward else None,
                                      kl_coef=kl_coef if in_reward else 0.0, backend=backend, **adv_kw)
     loss, metrics = fused_policy_loss(policy_hidden, lm_head_weight, targets, old_logprobs, adv, mask,

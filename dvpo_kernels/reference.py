@@ -9,13 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
-    """Targets where ``mask`` is 0 are ignored whatever their value (their rows read column 0)."""
+def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=None, softcap=None, scale=None):
+    """Targets where ``mask`` is 0 are ignored whatever their value (their rows read column 0).
+    logits = softcap * tanh((h @ W^T + b) * scale / softcap) / temperature."""
     if mask is not None:
         targets = torch.where(mask.bool(), targets, 0)
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
@@ -25,8 +30,14 @@ def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=No
 
 def policy_loss(logp, old, adv, mask, ref=None, clip_low=0.2, clip_high=0.2, dual_clip=None,
                 kl_coef=0.0, kl_type="k3", entropy=None, entropy_coef=0.0, loss_agg="token-mean",
-                normalizer=None):
-    logp, old, adv = logp.double(), old.double(), adv.double()
+                normalizer=None, is_weights=None, loss_scale_factor=None):
+    """``old`` None: on-policy, old = logp without gradient. ``adv`` / ``is_weights`` of shape [B]
+    broadcast over a row's tokens; ``is_weights`` multiply each token's loss, without gradient."""
+    logp = logp.double()
+    old = logp.detach() if old is None else old.double()
+    adv = adv.double()
+    if adv.dim() < logp.dim():
+        adv = adv[:, None].expand_as(logp)
     m = mask.double()
     ratio = torch.exp(torch.clamp(logp - old, -20, 20))
     l = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
@@ -34,11 +45,21 @@ def policy_loss(logp, old, adv, mask, ref=None, clip_low=0.2, clip_high=0.2, dua
         l = torch.where(adv < 0, torch.minimum(l, -adv * dual_clip), l)
     if ref is not None and kl_coef:
         d = ref.double() - logp
-        kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[kl_type]
+        kl_type = {"kl": "k1", "mse": "k2"}.get(kl_type, kl_type)
+        if kl_type == "low_var_kl":  # verl's clamps
+            dc = torch.clamp(d, -20, 20)
+            kl = torch.clamp(torch.exp(dc) - dc - 1, min=-10, max=10)
+        else:
+            kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1, "abs": d.abs()}[kl_type]
         l = l + kl_coef * kl
     if entropy is not None and entropy_coef:
         l = l - entropy_coef * entropy.double()
+    if is_weights is not None:
+        w = is_weights.double().detach()
+        l = l * (w[:, None].expand_as(l) if w.dim() < l.dim() else w)
     l = torch.where(m > 0, l, torch.zeros_like(l))
+    if loss_agg == "seq-mean-token-sum-norm":  # verl's agg_loss: every row's sum over one constant
+        return (l * m).sum() / (loss_scale_factor if loss_scale_factor is not None else m.shape[-1])
     if loss_agg == "token-mean":
         return (m * l).sum() / (normalizer if normalizer is not None else max(float(m.sum()), 1.0))
     rows_l, rows_m = (l, m) if l.dim() == 2 else (l[None], m[None])

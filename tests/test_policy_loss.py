@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -173,3 +174,88 @@ def test_reference_ignores_targets_at_masked_positions():
         lp, ent = R.linear_logprobs(hidden, weight, torch.where(mask, tgt, bad), bias, 0.9, mask=mask)
         want_lp, want_ent = R.linear_logprobs(hidden, weight, tgt, bias, 0.9)
         assert torch.equal(lp[mask], want_lp[mask]) and torch.equal(ent, want_ent)
+
+
+def test_gradcheck_float64_framework_options():
+    """Soft-capping and scale (gradients through tanh), importance weights, [B] advantages. (On-policy
+    has a stop-gradient by definition, so finite differences cannot check it.)"""
+    hidden, weight, bias, tgt = make_lm_inputs(0, 5, 19, lead=(2, 4))
+    _, _, mask, ref = make_token_inputs((2, 4))
+    adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    isw = torch.tensor([[0.5, 1.2, 0.9, 1.0], [2.0, 0.3, 1.1, 0.8]], dtype=torch.float64)
+    with torch.no_grad():
+        old = dk.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=1.1, logit_softcap=2.0, logit_scale=0.9)
+        old += 0.05 * torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for memory in ("speed", "lean"):
+        fn = lambda h, w, b: dk.fused_policy_loss(h, w, tgt, old, adv, mask, bias=b, ref_logprobs=ref, kl_coef=0.1,
+                                                  kl_type="mse", entropy_coef=0.03, temperature=1.1, is_weights=isw,
+                                                  logit_softcap=2.0, logit_scale=0.9, loss_agg="seq-mean-token-sum-norm",
+                                                  memory=memory)[0]
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+    fn = lambda h, w, b: dk.linear_logprobs(h, w, tgt, bias=b, return_entropy=True, logit_softcap=1.5, logit_scale=1.3)
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_on_policy_is_the_gradient_of_logp_times_advantage():
+    """old_logprobs=None: loss -A * exp(logp - stopgrad(logp)), i.e. value -mean(A), gradient -A dlogp."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.1, -1.5]], requires_grad=True)
+    adv = torch.tensor([1.5, -0.5])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, m = dk.policy_loss(logp, None, adv, mask, clip_low=0.1, clip_high=0.1)
+    (g,) = torch.autograd.grad(loss, logp)
+    a = adv[:, None].expand(2, 3)
+    torch.testing.assert_close(loss, -(a * mask).sum() / 5)
+    torch.testing.assert_close(g, -a * mask / 5)
+    assert m["clipfrac"] == 0 and m["ratio_mean"] == 1
+
+
+def test_seq_mean_token_sum_norm_is_verls_agg_loss():
+    """verl's agg_loss for this mode: sum over rows of each row's masked sum, over one constant
+    (the horizon loss_mask.shape[-1] unless loss_scale_factor is given)."""
+    logp = -torch.rand(3, 6, dtype=torch.float64)
+    old = logp.detach().clone()
+    adv = torch.randn(3, 6, dtype=torch.float64)
+    mask = torch.rand(3, 6) > 0.3
+    mask[2] = False
+    for factor, const in ((None, 6.0), (4096.0, 4096.0)):
+        loss, _ = dk.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm", loss_scale_factor=factor)
+        torch.testing.assert_close(loss, (-adv * mask).sum(-1).sum() / const)
+
+
+@pytest.mark.parametrize("name,verl", [("kl", "k1"), ("mse", "k2")])
+def test_verl_kl_names_alias_ours(name, verl):
+    old, adv, mask, ref = make_token_inputs((30,))
+    logp = old + 0.3
+    a, ma = dk.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.2, kl_type=name)
+    b, mb = dk.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.2, kl_type=verl)
+    assert a.item() == b.item() and ma["kl"].item() == mb["kl"].item()
+
+
+def test_low_var_kl_clamps_as_verl():
+    logp = torch.tensor([-1.0, -1.0, -30.0, -1.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, 2.0, -1.0, -25.0], dtype=torch.float64)  # d = -0.5, 3 (k3 > 10), 29, -24
+    zeros, mask = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.bool)
+    loss, m = dk.policy_loss(logp, logp.detach(), zeros, mask, ref_logprobs=ref, kl_coef=1.0, kl_type="low_var_kl")
+    (g,) = torch.autograd.grad(loss, logp)
+    d = (ref - logp.detach()).clamp(-20, 20)
+    want = (d.exp() - d - 1).clamp(max=10)
+    torch.testing.assert_close(loss, want.mean())
+    want_g = torch.zeros(4, dtype=torch.float64)
+    want_g[0] = (1 - math.exp(-0.5)) / 4  # dk3/dlogp = 1 - e^d; zero where a clamp binds
+    torch.testing.assert_close(g, want_g)
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_dvpo_loss_on_policy_with_kl_reward(memory):
+    """old_logprobs=None in dvpo_loss: the KL reward uses the current log-probs, the loss is on-policy."""
+    b, t, h, v = 2, 6, 16, 37
+    hidden, weight, bias, tgt = make_lm_inputs(0, h, v, lead=(b, t), dtype=torch.float32)
+    _, _, mask, ref = make_token_inputs((b, t), dtype=torch.float32)
+    gvm = torch.randn(b, t, 8, generator=torch.Generator().manual_seed(1))
+    vw = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    kw = dict(ref_logprobs=ref, kl_coef=0.1, bias=bias, logit_softcap=3.0, memory=memory)
+    loss, _ = dk.dvpo_loss(hidden, weight, torch.where(mask, tgt, -100), None, mask, gvm, vw, None, **kw)
+    with torch.no_grad():
+        now = dk.linear_logprobs(hidden, weight, tgt, bias=bias, logit_softcap=3.0)
+    want, _ = dk.dvpo_loss(hidden, weight, tgt, now, mask, gvm, vw, None, **kw)
+    torch.testing.assert_close(loss, want)

@@ -274,6 +274,115 @@ def test_never_allocates_n_by_v(memory, monkeypatch):
     assert probe.largest <= max(4 * v, v * h) < n * v
 
 
+# --- framework options: importance weights, on-policy, [B] advantages, Dr. GRPO, verl KL names, logit caps
+
+FRAMEWORK_CASES = [
+    dict(is_weights="tokens"),
+    dict(is_weights="rows", advantages="rows", loss_agg="seq-mean-token-mean"),
+    dict(on_policy=True, kl_coef=0.1, kl_type="kl"),
+    dict(loss_agg="seq-mean-token-sum-norm", kl_coef=0.05, kl_type="mse"),
+    dict(loss_agg="seq-mean-token-sum-norm", loss_scale_factor=5.0, kl_coef=0.2, kl_type="abs"),
+    dict(kl_coef=0.3, kl_type="low_var_kl", dual_clip=3.0, entropy_coef=0.01),
+    dict(logit_softcap=2.5, logit_scale=0.6, entropy_coef=0.02),
+    dict(logit_softcap=4.0, on_policy=True, advantages="rows"),
+    dict(logit_scale=1.7),
+]
+
+
+def _framework_inputs(case, shape, dtype=torch.float32):
+    """old log-probs, advantages, mask, ref, is_weights and op keywords for one FRAMEWORK_CASES case."""
+    old, adv, mask, ref = make_token_inputs(shape, dtype=dtype)
+    mask[1] = False
+    g = torch.Generator().manual_seed(4)
+    kw = {k: v for k, v in case.items() if k not in ("is_weights", "advantages", "on_policy")}
+    if case.get("advantages") == "rows":
+        adv = torch.randn(shape[0], generator=g, dtype=torch.float64).to(dtype)
+    if case.get("is_weights") == "tokens":
+        kw["is_weights"] = (torch.rand(shape, generator=g, dtype=torch.float64) * 1.5).to(dtype)
+    elif case.get("is_weights") == "rows":
+        kw["is_weights"] = (torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return (None if case.get("on_policy") else old), adv, mask, ref, kw
+
+
+def _oracle_kw(kw):
+    out = {k: v for k, v in kw.items() if k not in ("logit_softcap", "logit_scale")}
+    return out, dict(softcap=kw.get("logit_softcap"), scale=kw.get("logit_scale"))
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("case", FRAMEWORK_CASES)
+def test_fused_framework_options_match_oracle_and_twin(case, memory, small_tiles):
+    b, t, h, v = 3, 11, 48, 257
+    hidden, weight, bias, tgt = make_lm_inputs(0, h, v, lead=(b, t), dtype=torch.float32)
+    old, adv, mask, ref, kw = _framework_inputs(case, (b, t))
+    if old is not None:
+        with torch.no_grad():
+            old = dk.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=0.8, backend="torch",
+                                     logit_softcap=kw.get("logit_softcap"), logit_scale=kw.get("logit_scale"))
+            old = (old + 0.4 * torch.randn((b, t), generator=torch.Generator().manual_seed(9))).float()
+    out = {}
+    for backend in (TRITON, "torch"):
+        loss, metrics = dk.fused_policy_loss(hidden, weight, tgt, old, adv, mask, bias=bias, temperature=0.8,
+                                             ref_logprobs=ref, memory=memory, backend=backend, **kw)
+        out[backend] = (loss, metrics) + _grads(loss, (hidden, weight, bias))
+    loss_kw, head_kw = _oracle_kw(kw)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    rlp, rent = R.linear_logprobs(h64, w64, tgt, b64, 0.8, **head_kw)
+    want = R.policy_loss(rlp, old, adv, mask, ref=ref, entropy=rent, **loss_kw)
+    want_grads = _grads(want, (h64, w64, b64))
+    loss, metrics, *grads = out[TRITON]
+    assert rel_err(loss, want) < 2e-5 and rel_err(loss, out["torch"][0]) < 2e-5
+    for got, twin, ref_grad in zip(grads, out["torch"][2:], want_grads):
+        assert rel_err(got, ref_grad) < 2e-5 and rel_err(got, twin) < 2e-5
+    for k, val in metrics.items():
+        torch.testing.assert_close(val, out["torch"][1][k], rtol=1e-5, atol=1e-6)
+    if old is None:
+        assert metrics["clipfrac"] == 0 and metrics["ratio_mean"] == 1 and metrics["ppo_kl"] == 0
+    assert (grads[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("case", [c for c in FRAMEWORK_CASES if "logit_softcap" not in c and "logit_scale" not in c])
+def test_policy_loss_framework_options_match_oracle_and_twin(case, small_tiles):
+    shape = (4, 13)
+    old, adv, mask, ref, kw = _framework_inputs(case, shape)
+    base = make_token_inputs(shape, dtype=torch.float32)[0]
+    logp = (base.double() + 1.5 * (2 * torch.rand(shape, generator=torch.Generator().manual_seed(3)) - 1)).float()
+    logp.requires_grad_()
+    ent = torch.rand(shape, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    out = {}
+    for backend in (TRITON, "torch"):
+        loss, metrics = dk.policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=ent, backend=backend, **kw)
+        out[backend] = (loss, metrics) + torch.autograd.grad(loss, (logp, ent), allow_unused=True)
+    lp64, ent64 = logp.detach().double().requires_grad_(), ent.detach().double().requires_grad_()
+    want = R.policy_loss(lp64, old, adv, mask, ref=ref, entropy=ent64, **kw)
+    wl, _ = torch.autograd.grad(want, (lp64, ent64), allow_unused=True)
+    loss, metrics, gl, _ = out[TRITON]
+    assert rel_err(loss, want) < 1e-5 and rel_err(gl, wl) < 1e-5
+    torch.testing.assert_close(gl, out["torch"][2], rtol=1e-6, atol=1e-7)
+    for k, val in metrics.items():
+        torch.testing.assert_close(val, out["torch"][1][k], rtol=1e-5, atol=1e-6)
+    assert (gl[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_linear_logprobs_softcap_and_scale(memory, small_tiles):
+    hidden, weight, bias, tgt = make_lm_inputs(23, 48, 263, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    g_lp, g_ent = torch.randn(23, generator=g), torch.randn(23, generator=g)
+    kw = dict(logit_softcap=1.5, logit_scale=0.8)
+    results = {}
+    for backend in (TRITON, "torch"):
+        lp, ent = dk.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=0.7, return_entropy=True,
+                                     memory=memory, backend=backend, **kw)
+        results[backend] = (lp, ent) + _grads((lp * g_lp).sum() + (ent * g_ent).sum(), (hidden, weight, bias))
+    rlp, rent = R.linear_logprobs(hidden, weight, tgt, bias, 0.7, softcap=1.5, scale=0.8)
+    want = (rlp, rent) + _grads((rlp * g_lp.double()).sum() + (rent * g_ent.double()).sum(), (hidden, weight, bias))
+    plain = dk.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=0.7, backend=TRITON)
+    assert rel_err(plain, rlp) > 1e-2  # the cap binds: logits reach several times 1.5
+    for got, twin, ref in zip(results[TRITON], results["torch"], want):
+        assert rel_err(got, ref) < 2e-5 and rel_err(got, twin) < 2e-5
+
+
 # --- targets: every block position, masked and out-of-range ------------------------------------
 
 @pytest.mark.parametrize("memory", MEMORY)

@@ -141,3 +141,32 @@ def test_targets_are_checked_only_at_unmasked_positions():
         dk.fused_policy_loss(h, w, t, old, adv, m)
     with pytest.raises(ValueError, match="targets"):
         dk.linear_logprobs(h, w, t)  # no mask: every target must be a vocab row
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("is_weights", dict(is_weights=torch.ones(N + 1))), ("is_weights", dict(is_weights=torch.ones(N, dtype=torch.long))),
+    ("loss_scale_factor", dict(loss_scale_factor=0.0, loss_agg="seq-mean-token-sum-norm")),
+    ("loss_scale_factor", dict(loss_scale_factor=8.0)), ("normalizer", dict(normalizer=3.0, loss_agg="seq-mean-token-sum-norm")),
+    ("kl_type", dict(kl_type="full")), ("advantages", dict(advantages=torch.ones(2))),
+])
+def test_framework_options_reject(name, kw):
+    for fn in (_fused, _pl):
+        with pytest.raises(ValueError, match=name):
+            fn(**kw)
+
+
+@pytest.mark.parametrize("name,kw", [("logit_softcap", dict(logit_softcap=0.0)), ("logit_softcap", dict(logit_softcap=-1.0)),
+                                     ("logit_scale", dict(logit_scale=float("inf"))), ("logit_scale", dict(logit_scale=0.0))])
+def test_logit_transform_rejects(name, kw):
+    with pytest.raises(ValueError, match=name):
+        _fused(**kw)
+    h, w, t = _lm()
+    with pytest.raises(ValueError, match=name):
+        dk.linear_logprobs(h, w, t, **kw)
+
+
+def test_row_advantages_need_row_layout():
+    old, adv, m = _tok()
+    with pytest.raises(ValueError, match="advantages"):
+        dk.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3), torch.ones(2, 3))
+    dk.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3))

@@ -6,6 +6,7 @@ import torch
 from .._params import LossParams
 
 LOG_RATIO_BOUND = 20.0
+LOW_VAR_KL_BOUND = 10.0
 
 
 def token_terms(logp, entropy, old, adv, ref, p: LossParams):
@@ -38,9 +39,18 @@ def token_terms(logp, entropy, old, adv, ref, p: LossParams):
             kl, dkl = -d, torch.ones_like(d)
         elif p.kl_type == "k2":
             kl, dkl = 0.5 * d * d, -d
-        else:
+        elif p.kl_type == "k3":
             e = d.exp()
             kl, dkl = e - d - 1.0, 1.0 - e
+        elif p.kl_type == "abs":
+            kl, dkl = d.abs(), -d.sign()
+        else:  # low_var_kl, as verl clamps it: d to [-20, 20], k3 to <= 10; no gradient where one binds
+            dc = d.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+            e = dc.exp()
+            k3 = e - dc - 1.0
+            kl = k3.clamp(max=LOW_VAR_KL_BOUND)
+            live = (d >= -LOG_RATIO_BOUND) & (d <= LOG_RATIO_BOUND) & (k3 <= LOW_VAR_KL_BOUND)
+            dkl = torch.where(live, 1.0 - e, zeros)
         if p.kl_coef:
             loss = loss + p.kl_coef * kl
             grad = grad + p.kl_coef * dkl

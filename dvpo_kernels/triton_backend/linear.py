@@ -17,6 +17,7 @@ import contextlib
 import torch
 
 from .._params import KL_TYPE_IDS, STAT_NAMES, LossParams
+from ..torch_backend.linear import logit_transform
 from . import tiles
 from .gemm import accumulate_mm
 from .row_kernels import dlogits_rows_kernel, logprob_rows_kernel, policy_rows_kernel
@@ -52,8 +53,9 @@ def _from(t, r0):
     return None if t is None else t[r0:]
 
 
-def linear_logprobs(h, w, tgt, bias, temperature, return_entropy, memory):
-    """Returns (logp [N], entropy [N] or empty, lse [N]); both memory modes walk token chunks."""
+def linear_logprobs(h, w, tgt, bias, temperature, return_entropy, memory, softcap=0.0, scale=1.0):
+    """Returns (logp [N], entropy [N] or empty, lse [N]); both memory modes walk token chunks.
+    ``softcap`` (0 = off) and ``scale`` act on the raw logits before the temperature."""
     sd = _stat_dtype(h)
     n, v = h.shape[0], w.shape[0]
     logp = h.new_empty(n, dtype=sd)
@@ -73,11 +75,13 @@ def linear_logprobs(h, w, tgt, bias, temperature, return_entropy, memory):
             torch.mm(h[r0:r1], w.t(), out=z)
             logprob_rows_kernel[(r1 - r0,)](
                 z, z.stride(0), bias, tgt[r0:], logp[r0:], lse[r0:], ent[r0:] if return_entropy else None, v,
-                1.0 / temperature, HAS_BIAS=bias is not None, WANT_ENT=return_entropy, **launch)
+                *logit_transform(temperature, softcap, scale), HAS_BIAS=bias is not None, SOFTCAP=bool(softcap),
+                WANT_ENT=return_entropy, **launch)
     return logp, ent, lse
 
 
-def linear_logprobs_backward(g_logp, g_ent, h, w, tgt, bias, temperature, lse, ent, memory, need):
+def linear_logprobs_backward(g_logp, g_ent, h, w, tgt, bias, temperature, lse, ent, memory, need, softcap=0.0,
+                             scale=1.0):
     """Gradients (dh, dw, db) of sum(g_logp*logp + g_ent*entropy), recomputing the logits.
 
     ``need`` = (dh, dw, db) flags; a gradient not needed comes back as None.
@@ -89,7 +93,8 @@ def linear_logprobs_backward(g_logp, g_ent, h, w, tgt, bias, temperature, lse, e
     g_logp = g_logp.to(sd).contiguous()
     g_ent = None if g_ent is None else g_ent.to(sd).contiguous()
     args = (g_logp, g_ent, h, w, tgt.contiguous(), None if bias is None else bias.contiguous(),
-            1.0 / temperature, lse.contiguous(), None if g_ent is None else ent.contiguous(), need)
+            logit_transform(temperature, softcap, scale), lse.contiguous(),
+            None if g_ent is None else ent.contiguous(), need)
     with on_device(h):
         return _backward_lean(*args) if memory == "lean" else _backward_speed(*args)
 
@@ -110,7 +115,7 @@ def _chunk_grads(dz, h_rows, w, dh_rows, dw_acc, db_acc, accumulate):
         db_acc += dz.sum(0, dtype=db_acc.dtype)
 
 
-def _backward_speed(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
+def _backward_speed(g_logp, g_ent, h, w, tgt, bias, lt, lse, ent, need):
     n, hdim = h.shape
     v = w.shape[0]
     sd = lse.dtype
@@ -125,14 +130,14 @@ def _backward_speed(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
         z = _block(work, r1 - r0, v)
         torch.mm(h[r0:r1], w.t(), out=z)
         dlogits_rows_kernel[(r1 - r0,)](
-            z, z.stride(0), bias, tgt[r0:], lse[r0:], _from(ent, r0), g_logp[r0:], _from(g_ent, r0), 0, v, inv_t,
-            HAS_BIAS=bias is not None, HAS_ENT=g_ent is not None, **launch)
+            z, z.stride(0), bias, tgt[r0:], lse[r0:], _from(ent, r0), g_logp[r0:], _from(g_ent, r0), 0, v, *lt,
+            HAS_BIAS=bias is not None, SOFTCAP=bool(lt[1]), HAS_ENT=g_ent is not None, **launch)
         _chunk_grads(z, h[r0:r1], w, None if dh is None else dh[r0:r1], dw_acc, db_acc, r0 > 0)
     del work
     return dh, _cast(dw_acc, w.dtype), _cast(db_acc, None if bias is None else bias.dtype)
 
 
-def _backward_lean(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
+def _backward_lean(g_logp, g_ent, h, w, tgt, bias, lt, lse, ent, need):
     n, hdim = h.shape
     v = w.shape[0]
     sd = lse.dtype
@@ -148,8 +153,8 @@ def _backward_lean(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
         w_slice = w[c0:c1]
         torch.mm(h, w_slice.t(), out=z)
         dlogits_rows_kernel[(n,)](
-            z, z.stride(0), _from(bias, c0), tgt, lse, ent, g_logp, g_ent, c0, c1 - c0, inv_t,
-            HAS_BIAS=bias is not None, HAS_ENT=g_ent is not None, **launch)
+            z, z.stride(0), _from(bias, c0), tgt, lse, ent, g_logp, g_ent, c0, c1 - c0, *lt,
+            HAS_BIAS=bias is not None, SOFTCAP=bool(lt[1]), HAS_ENT=g_ent is not None, **launch)
         if dh_acc is not None:
             accumulate_mm(dh_acc, z, w_slice, c0 > 0)
         if dw is not None:
@@ -161,8 +166,9 @@ def _backward_lean(g_logp, g_ent, h, w, tgt, bias, inv_t, lse, ent, need):
 
 
 def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParams,
-                      temperature, memory, need):
+                      temperature, memory, need, softcap=0.0, scale=1.0):
     """Returns (loss, stat sums [6], dh, dw, db); ``need`` = (dh, dw, db) flags, None where unset.
+    ``old`` None = on-policy (old = logp, taken inside the kernel).
 
     Masked tokens are compacted away before any GEMM (one host sync for the count, as in the
     torch twin). The op owns the scalar loss, so each token's gradient coefficient is known as
@@ -185,7 +191,8 @@ def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParam
             return (t if dtype is None else t.to(dtype)).contiguous()
 
         hv, tv = pick(h), pick(tgt)
-        oldv, advv, wv = pick(old, sd), pick(adv, sd), pick(weight, sd)
+        advv, wv = pick(adv, sd), pick(weight, sd)
+        oldv = None if old is None else pick(old, sd)
         refv = None if ref is None else pick(ref, sd)
         bias = None if bias is None else bias.contiguous()
         grad = any(need)
@@ -200,7 +207,7 @@ def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParam
         dhv = torch.empty(nv, hdim, dtype=h.dtype, device=h.device) if speed_grads and need[0] else None
         dw_acc = torch.empty(v, hdim, dtype=sd, device=h.device) if speed_grads and need[1] else None
         db_acc = torch.zeros(v, dtype=sd, device=h.device) if speed_grads and need[2] else None
-        inv_t = 1.0 / temperature
+        lt = logit_transform(temperature, softcap, scale)
         rows = tiles.token_rows(h, nv, v)
         launch = tiles.row_launch(v)
         work = _work(h, rows, v)
@@ -209,10 +216,10 @@ def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParam
             z = _block(work, r1 - r0, v)
             torch.mm(hv[r0:r1], w.t(), out=z)
             policy_rows_kernel[(r1 - r0,)](
-                z, z.stride(0), bias, tv[r0:], oldv[r0:], advv[r0:], wv[r0:], _from(refv, r0), terms[:, r0:], nv,
-                _from(lse, r0), _from(ent, r0), _from(g_logp, r0), _from(g_ent, r0), v, inv_t,
+                z, z.stride(0), bias, tv[r0:], _from(oldv, r0), advv[r0:], wv[r0:], _from(refv, r0), terms[:, r0:], nv,
+                _from(lse, r0), _from(ent, r0), _from(g_logp, r0), _from(g_ent, r0), v, *lt,
                 1.0 - p.clip_low, 1.0 + p.clip_high, p.dual_clip, p.kl_coef, p.entropy_coef,
-                HAS_BIAS=bias is not None, WANT_ENT=want_ent,
+                HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), WANT_ENT=want_ent, ON_POLICY=oldv is None,
                 KL_TYPE=KL_NONE if refv is None else KL_TYPE_IDS[p.kl_type], DUAL=bool(p.dual_clip),
                 KL_IN_LOSS=refv is not None and bool(p.kl_coef), WRITE_GRAD=speed_grads, SAVE_COEF=lean,
                 **launch)
@@ -220,7 +227,7 @@ def fused_policy_loss(h, w, tgt, old, adv, weight, mask, ref, bias, p: LossParam
                 _chunk_grads(z, hv[r0:r1], w, None if dhv is None else dhv[r0:r1], dw_acc, db_acc, r0 > 0)
         del work
         if lean:
-            dhv, dw, db = _backward_lean(g_logp, g_ent, hv, w, tv, bias, inv_t, lse, ent, need)
+            dhv, dw, db = _backward_lean(g_logp, g_ent, hv, w, tv, bias, lt, lse, ent, need)
         else:
             dw, db = _cast(dw_acc, w.dtype), _cast(db_acc, None if bias is None else bias.dtype)
         dh = None

@@ -9,7 +9,7 @@ loss) are constexpr.
 import triton
 import triton.language as tl
 
-KL_NONE = 0  # no reference log-probs: kl is 0 (KL_TYPE_IDS gives 1, 2, 3 for k1, k2, k3)
+KL_NONE = 0  # no reference log-probs: kl is 0 (KL_TYPE_IDS gives 1..5: k1, k2, k3, abs, low_var_kl)
 N_TERMS = 7  # weighted loss + the 6 statistics of STAT_NAMES
 
 
@@ -46,10 +46,21 @@ def token_terms(logp, ent, old, adv, ref, ratio_lo, ratio_hi, dual, kl_coef, ent
         elif KL_TYPE == 2:
             kl = 0.5 * d * d
             dkl = -d
-        else:
+        elif KL_TYPE == 3:
             e = tl.exp(d)
             kl = e - d - 1.0
             dkl = 1.0 - e
+        elif KL_TYPE == 4:
+            kl = tl.abs(d)
+            dkl = tl.where(d > 0, zero - 1.0, tl.where(d < 0, zero + 1.0, zero))
+        else:
+            # verl's low_var_kl: k3 of d clamped to [-20, 20], the result clamped to <= 10; no
+            # gradient where a clamp binds (k3 >= 0, so its lower clamp at -10 never does).
+            dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            e = tl.exp(dc)
+            k3 = e - dc - 1.0
+            kl = tl.minimum(k3, 10.0)
+            dkl = tl.where((d >= -20.0) & (d <= 20.0) & (k3 <= 10.0), 1.0 - e, zero)
         if KL_IN_LOSS:
             loss = loss + kl_coef * kl
             grad = grad + kl_coef * dkl
