@@ -100,12 +100,14 @@ def aggregation_weights(mask: Tensor, loss_agg: str, normalizer=None, dtype=torc
 
     ``normalizer`` replaces the final denominator: the token count for token-mean, the
     number of non-empty sequences for the seq-mean modes. A 1-D mask is one sequence.
-    ``seq-mean-token-sum-norm`` is verl's ``agg_loss`` (Dr. GRPO): every row's masked sum over
-    one constant, ``loss_scale_factor`` (default: the mask's last dim, the horizon), summed.
+    ``seq-mean-token-sum-norm`` is Dr. GRPO (DESIGN.md §3): every row's masked sum over one
+    constant, ``loss_scale_factor`` (default: the mask's last dim, the horizon), then the mean
+    over all rows (empty ones included: the constant, not the row, sets each row's scale).
     """
     m = mask.to(dtype)
     if loss_agg == "seq-mean-token-sum-norm":
-        return m / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        rows = m.shape[0] if m.dim() == 2 else 1
+        return m / ((m.shape[-1] if loss_scale_factor is None else loss_scale_factor) * rows)
     if loss_agg == "token-mean":
         denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
         return m / denom
@@ -147,6 +149,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     ``logits = softcap * tanh((hidden @ weight.T + bias) * scale / softcap)``.
     Returns ``logp`` (shape of ``targets``) or ``(logp, entropy)`` with ``return_entropy``.
     """
+    hidden, weight, bias = _ops.autocast_operands(hidden, weight, bias)
     _check_hidden_weight(hidden, weight, bias)
     lead = hidden.shape[:-1]
     tgt = C.targets("targets", targets, lead, "hidden without its last dim", weight.shape[0], hidden.device)
@@ -201,6 +204,7 @@ def fused_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logpr
     """``policy_loss(linear_logprobs(hidden, weight, targets, ...), ...)`` fused: no [N, V] tensor,
     masked tokens cost no GEMM work. Returns (loss, metrics). The keywords are those of the two
     ops (``old_logprobs=None`` is on-policy, the log-probs then never leave the kernel)."""
+    hidden, weight, bias = _ops.autocast_operands(hidden, weight, bias)
     _check_hidden_weight(hidden, weight, bias)
     lead, dev = hidden.shape[:-1], hidden.device
     m = C.mask("mask", mask, lead, "hidden without its last dim", dev)

@@ -58,8 +58,9 @@ def policy_loss(logp, old, adv, mask, ref=None, clip_low=0.2, clip_high=0.2, dua
         w = is_weights.double().detach()
         l = l * (w[:, None].expand_as(l) if w.dim() < l.dim() else w)
     l = torch.where(m > 0, l, torch.zeros_like(l))
-    if loss_agg == "seq-mean-token-sum-norm":  # verl's agg_loss: every row's sum over one constant
-        return (l * m).sum() / (loss_scale_factor if loss_scale_factor is not None else m.shape[-1])
+    if loss_agg == "seq-mean-token-sum-norm":  # Dr. GRPO: every row's sum over one constant, mean over rows
+        rows = m.shape[0] if m.dim() == 2 else 1
+        return (l * m).sum() / (loss_scale_factor if loss_scale_factor is not None else m.shape[-1]) / rows
     if loss_agg == "token-mean":
         return (m * l).sum() / (normalizer if normalizer is not None else max(float(m.sum()), 1.0))
     rows_l, rows_m = (l, m) if l.dim() == 2 else (l[None], m[None])

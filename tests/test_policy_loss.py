@@ -209,9 +209,9 @@ def test_on_policy_is_the_gradient_of_logp_times_advantage():
     assert m["clipfrac"] == 0 and m["ratio_mean"] == 1
 
 
-def test_seq_mean_token_sum_norm_is_verls_agg_loss():
-    """verl's agg_loss for this mode: sum over rows of each row's masked sum, over one constant
-    (the horizon loss_mask.shape[-1] unless loss_scale_factor is given)."""
+def test_seq_mean_token_sum_norm_is_dr_grpo():
+    """Dr. GRPO: each row's masked sum over one constant (the horizon loss_mask.shape[-1] unless
+    loss_scale_factor is given), then the mean over all rows, the empty one included."""
     logp = -torch.rand(3, 6, dtype=torch.float64)
     old = logp.detach().clone()
     adv = torch.randn(3, 6, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_seq_mean_token_sum_norm_is_verls_agg_loss():
     mask[2] = False
     for factor, const in ((None, 6.0), (4096.0, 4096.0)):
         loss, _ = dk.policy_loss(logp, old, adv, mask, loss_agg="seq-mean-token-sum-norm", loss_scale_factor=factor)
-        torch.testing.assert_close(loss, (-adv * mask).sum(-1).sum() / const)
+        torch.testing.assert_close(loss, (-adv * mask).sum(-1).mean() / const)
 
 
 @pytest.mark.parametrize("name,verl", [("kl", "k1"), ("mse", "k2")])
