@@ -1,14 +1,21 @@
 """Backend selection, in one place.
 
 A backend is a module with ``OPS`` (op name -> implementation) and ``unsupported(device)``
-(None when it can run tensors on that device, else the reason). ``auto`` walks each op's
-preference list and takes the first backend that can run; a forced backend that cannot run
-raises and says why.
+(None when it can run tensors on that device, else the reason); it may also have
+``probe(device)``, a first-use check on a CUDA device (compile and launch a tiny kernel), run
+once per device and cached. ``auto`` walks each op's preference list and takes the first
+backend that can run, warning once when a probe sends it past one; a forced backend that
+cannot run raises and says why.
+
+``why_not`` imports backends and runs probes. Under ``torch.compile`` it runs eagerly at trace
+time (``assume_constant_result``): dynamo cannot trace an import or a kernel launch, and its
+answer does not change for a given backend, op and device.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -33,6 +40,7 @@ _PREFERENCE = {
 }
 _loaded: dict[str, object] = {}
 _load_errors: dict[str, str] = {}
+_probed: dict[tuple[str, str], str | None] = {}
 
 
 def _module(name: str):
@@ -52,6 +60,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _probe(name: str, mod, device: torch.device) -> str | None:
+    """The backend's first-use check on a CUDA device, once per device; warns when it fails."""
+    if device.type != "cuda" or not hasattr(mod, "probe"):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (name, f"cuda:{index}")
+    if key not in _probed:
+        _probed[key] = mod.probe(torch.device("cuda", index))
+        if _probed[key] is not None:
+            warnings.warn(f"dvpo_kernels: the {name} backend cannot run on {key[1]} ({_probed[key]}); "
+                          "its ops there run on the torch backend", RuntimeWarning,
+                          stacklevel=2)
+    return _probed[key]
+
+
+def _device_why_not(name: str, device: torch.device) -> str | None:
+    mod = _module(name)
+    if mod is None:
+        return f"did not load ({_load_errors[name]})"
+    return mod.unsupported(device) or _probe(name, mod, device)
+
+
+@torch.compiler.assume_constant_result
 def why_not(name: str, op: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run ``op`` on ``device``, else the reason."""
     mod = _module(name)
@@ -59,7 +90,7 @@ def why_not(name: str, op: str, device: torch.device) -> str | None:
         return f"the {name} backend did not load ({_load_errors[name]})"
     if op not in mod.OPS:
         return f"the {name} backend has no {op} kernel"
-    return mod.unsupported(device)
+    return _device_why_not(name, device)
 
 
 def requested_backend(backend: str | None) -> str:
@@ -80,8 +111,9 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
             raise RuntimeError(f"backend={choice!r} cannot run {op} on {device.type} tensors: {reason}")
         return choice
     for name in _PREFERENCE[op]:
-        # The Triton interpreter runs CPU tensors for testing, far slower than torch: never auto.
-        if name == "triton" and device.type != "cuda":
+        # The Triton interpreter (CPU tensors, or any tensors under TRITON_INTERPRET=1) is a
+        # testing tool, far slower than torch: never auto.
+        if name == "triton" and (device.type != "cuda" or _interpreting()):
             continue
         if why_not(name, op, device) is None:
             return name
@@ -95,8 +127,4 @@ def impl(name: str, op: str):
 def report(device: torch.device | None = None) -> dict[str, str | None]:
     """Backend name -> None if usable on ``device`` (default: cuda if present, else cpu), else why not."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = {}
-    for name in BACKENDS:
-        mod = _module(name)
-        out[name] = f"did not load ({_load_errors[name]})" if mod is None else mod.unsupported(device)
-    return out
+    return {name: _device_why_not(name, device) for name in BACKENDS}

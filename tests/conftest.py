@@ -1,17 +1,41 @@
 import os
 
-# Triton kernels run under the interpreter on CPU-only machines; the flag must be set before
-# triton decorates any kernel, so it is set before the package is imported.
-try:
+import pytest
+
+# Triton tests come in two kinds (marker ``triton``): CPU-tensor ones that need the Triton
+# interpreter, and ``gpu`` ones that need compiled kernels. TRITON_INTERPRET must be decided
+# before triton decorates any kernel, i.e. before the test modules import dvpo_kernels, and it
+# holds for the whole session: it is on without CUDA, or when the selected tests include no
+# ``gpu`` Triton test (plain ``pytest`` on a GPU machine); off for ``pytest -m gpu``. A test of
+# the other kind skips with the reason. A TRITON_INTERPRET set by the caller is kept.
+
+
+def _selects(markexpr: str, markers: set) -> bool:
+    from _pytest.mark.expression import Expression
+
+    return not markexpr or Expression.compile(markexpr).evaluate(lambda name, **kw: name in markers)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: runs Triton kernels (under the interpreter unless also gpu)")
+    if "TRITON_INTERPRET" in os.environ:
+        return
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
+    if not torch.cuda.is_available() or not _selects(config.option.markexpr, {"gpu", "triton"}):
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
-import pytest  # noqa: E402
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("triton") is None:
+        return
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if item.get_closest_marker("gpu") is not None and interpreting:
+        pytest.skip("a Triton GPU test needs compiled kernels, and this session runs the Triton interpreter "
+                    "(TRITON_INTERPRET=1); run it with `python -m pytest -m gpu`")
+    if item.get_closest_marker("gpu") is None and not interpreting:
+        pytest.skip("a CPU-tensor Triton test needs the Triton interpreter, and this session compiles the kernels "
+                    "for the GPU; plain `python -m pytest` runs it")
 
 
 @pytest.fixture(scope="session")

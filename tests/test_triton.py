@@ -17,6 +17,9 @@ from _helpers import LargestTensor, make_lm_inputs, make_token_inputs, rel_err
 triton_backend = pytest.importorskip("dvpo_kernels.triton_backend")
 from dvpo_kernels.triton_backend import gemm, tiles  # noqa: E402
 
+# CPU-tensor tests need the Triton interpreter, gpu ones compiled kernels (tests/conftest.py).
+pytestmark = pytest.mark.triton
+
 TRITON = "triton"
 MEMORY = ["speed", "lean"]
 

@@ -2,7 +2,8 @@
 fused Triton epilogues, and the per-token policy loss as one Triton pass.
 
 Importing it needs ``triton``; an ImportError propagates and ``dvpo_kernels._backends``
-reports it as the reason the backend is unavailable.
+reports it as the reason the backend is unavailable. ``probe`` checks each CUDA device once
+before its first use (dvpo_kernels/triton_backend/probe.py).
 """
 import os
 
@@ -10,6 +11,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from .linear import fused_policy_loss, linear_logprobs, linear_logprobs_backward
+from .probe import probe
 from .row_kernels import logprob_rows_kernel
 from .token_loss import policy_loss
 
@@ -22,7 +24,8 @@ OPS = {
 
 
 def unsupported(device) -> str | None:
-    """None on CUDA devices; CPU tensors only under the Triton interpreter (how CI tests the kernels)."""
+    """None on CUDA devices (``probe`` then checks each one); CPU tensors only under the Triton
+    interpreter (how CI tests the kernels)."""
     device = torch.device(device)
     if device.type == "cuda":
         return None

@@ -2,11 +2,12 @@
 
 dW (speed mode) and dH (lean mode) are sums over chunks; summing bf16 partials in bf16 makes
 training diverge, so the running sum lives in fp32. PyTorch >= 2.8 exposes cuBLAS's
-bf16 x bf16 -> fp32 GEMM as ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)``;
-whether this PyTorch also takes an fp32 ``self`` in addmm, and gets it right, is probed once
-per device and dtype. Otherwise (older PyTorch, CPU tensors under the Triton interpreter) a
-Triton GEMM does the same work: fp32 tensor-core accumulation, the accumulator tile read and
-written once. Same-dtype operands (fp32/fp64 inputs) go straight to ``torch.mm``/``addmm_``.
+bf16 x bf16 -> fp32 GEMM as ``torch.mm(..., out_dtype=torch.float32)`` and
+``torch.addmm(..., out_dtype=torch.float32)``; whether this PyTorch has each of the two, and
+gets it right, is probed separately once per device and dtype (a build may have one and not
+the other). Otherwise (older PyTorch, CPU tensors under the Triton interpreter) a Triton GEMM
+does the same work: fp32 tensor-core accumulation, the accumulator tile read and written
+once. Same-dtype operands (fp32/fp64 inputs) go straight to ``torch.mm``/``addmm_``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-_CUBLAS_MIXED: dict[tuple[torch.device, torch.dtype], bool] = {}
+# (kind, device, dtype) -> whether cuBLAS's mixed GEMM of that kind ("mm" or "addmm") works.
+_CUBLAS_MIXED: dict[tuple[str, torch.device, torch.dtype], bool] = {}
+_MIXED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -25,10 +28,17 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
             acc.addmm_(a, b)
         else:
             torch.mm(a, b, out=acc)
-    elif _cublas_mixed_ok(acc.device, a.dtype):
+    elif cublas_mixed_ok("addmm" if accumulate else "mm", acc.device, a.dtype):
         _cublas_mixed(acc, a, b, accumulate)
     else:
         _triton_addmm(acc, a, b, accumulate)
+
+
+def warm_up(device: torch.device) -> None:
+    """Run every probe of ``device`` now, so that no op syncs the host for one later."""
+    for dtype in _MIXED_DTYPES:
+        for kind in ("mm", "addmm"):
+            cublas_mixed_ok(kind, device, dtype)
 
 
 def _cublas_mixed(acc, a, b, accumulate):
@@ -38,31 +48,28 @@ def _cublas_mixed(acc, a, b, accumulate):
         torch.mm(a, b, out_dtype=acc.dtype, out=acc)
 
 
-def _cublas_mixed_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    key = (device, dtype)
+def cublas_mixed_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (kind, device, dtype)
     if key not in _CUBLAS_MIXED:
-        _CUBLAS_MIXED[key] = device.type == "cuda" and _probe(device, dtype)
+        _CUBLAS_MIXED[key] = device.type == "cuda" and _probe(kind, device, dtype)
     return _CUBLAS_MIXED[key]
 
 
-def _probe(device, dtype) -> bool:
-    """One small transposed-operand GEMM each way, checked against float64 (one host sync, once)."""
+def _probe(kind, device, dtype) -> bool:
+    """One small transposed-operand GEMM of ``kind``, checked against float64 (one host sync)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(48, 40, generator=g, dtype=torch.float64)
     b = torch.randn(48, 24, generator=g, dtype=torch.float64)
     c = torch.randn(40, 24, generator=g, dtype=torch.float64)
     a16, b16 = a.to(dtype), b.to(dtype)
-    want = a16.double().t() @ b16.double()
+    accumulate = kind == "addmm"
+    want = a16.double().t() @ b16.double() + (c.float().double() if accumulate else 0.0)
     try:
-        fresh = torch.empty(40, 24, dtype=torch.float32, device=device)
-        _cublas_mixed(fresh, a16.to(device).t(), b16.to(device), False)
-        summed = c.float().to(device)
-        _cublas_mixed(summed, a16.to(device).t(), b16.to(device), True)
+        acc = c.float().to(device) if accumulate else torch.empty(40, 24, dtype=torch.float32, device=device)
+        _cublas_mixed(acc, a16.to(device).t(), b16.to(device), accumulate)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    tol = dict(rtol=1e-4, atol=1e-4)
-    return (torch.allclose(fresh.double().cpu(), want, **tol)
-            and torch.allclose(summed.double().cpu(), want + c.float().double(), **tol))
+    return torch.allclose(acc.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 def _triton_addmm(acc, a, b, accumulate):
