@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, CacheLayerMixin
 
+from .models.attention import decoding_attention
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "eager", "cuda_graph", "hf")
@@ -316,10 +318,10 @@ class RolloutEngine:
         eos = _eos_list(eos_token_id, vocab)
         ids, mask = _prompt_batch(prompt_ids, attention_mask, pad_token_id, vocab, device)
         cache_len = _round_up(ids.shape[1] + max_new_tokens, _CACHE_ALIGN)
-        engine = self._resolve(device, cache_len)
         self._sharded = _is_sharded(self.model)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        with _inference(self.model):
+        with decoding_attention(self.model), _inference(self.model):
+            engine = self._resolve(device, cache_len)
             if engine == "hf":
                 tokens, lengths, finished, logprobs = self._hf(
                     ids, mask, max_new_tokens, pad_token_id, eos, sampling, return_logprobs

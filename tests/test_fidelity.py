@@ -261,7 +261,9 @@ def test_a_bf16_dpo_run_starts_from_zero_implicit_rewards(sft_model, tmp_path):
           "train.eval_every": "0", "data.eval_fraction": "0", "train.precision": "bf16"}
     run_stage("dpo", "dpo_tiny", tmp_path, **kw)
     row = [r for r in metrics(tmp_path) if "train/loss" in r][0]
-    assert row["rewards/margins"] == 0.0 and row["train/loss"] == pytest.approx(math.log(2), rel=1e-6)
+    # the reference's batches group the sequences differently from the training micro-batches, and a packed
+    # forward's attention rounds by its row's layout: equal to fp32 rounding, not bit for bit
+    assert abs(row["rewards/margins"]) < 1e-5 and row["train/loss"] == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_bf16_rollout_decodes_in_bf16_and_samples_what_the_policy_computes(sft_model):

@@ -63,8 +63,7 @@ class PolicyModel(HFWrapper):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, head: HeadFn, position_ids: Tensor | None = None):
         """``head(hidden [B, L, H], lm_head.weight, lm_head.bias)`` on the final hidden states."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.encode(input_ids, attention_mask, position_ids)
         lm_head = self.lm_head
         return head(hidden, lm_head.weight, lm_head.bias)
 

@@ -44,8 +44,7 @@ class ValueModel(HFWrapper):
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, L, H]`` (the states the value head reads). Left-padded rows need
         ``position_ids`` (see :func:`dvpo.rollout.position_ids_from_mask`)."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+        return self.encode(input_ids, attention_mask, position_ids)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Values ``[B, L]`` fp32: position ``t`` holds the value of the state before token ``t + 1``."""

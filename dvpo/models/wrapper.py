@@ -1,7 +1,9 @@
 """The base of the policy and value wrappers: a Hugging Face model, possibly inside a PEFT LoRA model."""
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
+
+from .packing import packed_backbone, should_pack
 
 
 class HFWrapper(nn.Module):
@@ -19,3 +21,11 @@ class HFWrapper(nn.Module):
         """The transformer without its head (``model.model`` for Llama/Qwen2)."""
         hf = self.hf_model
         return getattr(hf, hf.base_model_prefix)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None) -> Tensor:
+        """The backbone's final hidden states ``[B, L, H]``; one padding-free packed forward when
+        ``train.packing`` allows it (zeros at the padding), else the padded forward."""
+        if should_pack(self.hf_model, attention_mask, position_ids):
+            return packed_backbone(self.backbone, input_ids, attention_mask)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state

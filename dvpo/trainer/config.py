@@ -36,6 +36,10 @@ class TrainConfig:
                 "gradients (replicate); auto = fsdp for stages that support it")
     shard_frozen: bool = option(False, "with FSDP2, shard the frozen reference and GVM too (dvpo): less memory per "
                                        "rank, one more all-gather per layer of their forwards")
+    packing: Literal["auto", "on", "off"] = option(
+        "auto", "padding-free forwards: the valid tokens of a micro-batch run as one packed row with per-sequence "
+                "positions; auto = wherever the attention supports it (flash_attention_*, or sdpa/eager in "
+                "transformers' masking_utils models) and the batch has padding")
     log_every: int = option(1, "steps between metric lines (metrics.jsonl, TensorBoard, progress bar)")
     eval_every: int = option(0, "steps between evaluations (0 = only at the end)")
     save_every: int = option(0, "steps between checkpoints global_step_N/, plus one at the last step "

@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from ..config import dump_yaml
+from ..models.packing import set_packing
 from . import distributed, parallel
 from .batches import EpochBatches
 from .checkpoint import Checkpointer, atomic_directory, resolve_resume
@@ -54,6 +55,7 @@ def start_run(train: TrainConfig, full_config) -> torch.device:
     """Join torch.distributed if launched by torchrun, seed, create the run folder, save the resolved
     config and a log file (rank 0). Returns this rank's device."""
     distributed.init_from_env()
+    set_packing(train.packing)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with ours
     seed_everything(train.seed)
     out = Path(train.output_dir)
