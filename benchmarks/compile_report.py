@@ -173,7 +173,7 @@ def _signature(fn, v):
             if name in v["aligned"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32"  # hyper-parameters arrive as Python floats
+            sig[name] = fn.params[i].annotation_type or "fp32"  # hyper-parameters: as annotated
     missing = set(v["consts"]) - set(fn.arg_names)
     if missing:
         raise ValueError(f"{v['kernel']} has no argument(s) {sorted(missing)}")

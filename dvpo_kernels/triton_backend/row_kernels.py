@@ -18,7 +18,7 @@ entropy >= 0 are clamped: contracted multiply-adds may otherwise round them 1 ul
 import triton
 import triton.language as tl
 
-from .token_kernels import token_terms
+from .token_kernels import stat_scalar, token_terms
 
 
 @triton.jit
@@ -124,12 +124,13 @@ def _write_dlogits(row_ptr, bias_ptr, width, tgt_col, lse, ent, g_logp, g_ent, i
 
 
 @triton.jit
-def logprob_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, width, inv_t, cap, pre,
-                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr,
+def logprob_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, width,
+                        inv_t: tl.float64, cap: tl.float64, pre: tl.float64, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr,
                         BLOCK_V: tl.constexpr):
     """logp, lse (and entropy) of each row of a full-vocab logits block."""
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    inv_t, cap, pre = stat_scalar(inv_t, ACC), stat_scalar(cap, ACC), stat_scalar(pre, ACC)
     row_ptr = z_ptr + row * stride_z
     zt = _target_logit(row_ptr, bias_ptr, tl.load(tgt_ptr + row), width, inv_t, cap, pre, HAS_BIAS, SOFTCAP, ACC)
     lse, ent = _row_stats(row_ptr, bias_ptr, width, inv_t, cap, pre, HAS_BIAS, SOFTCAP, WANT_ENT, ACC, BLOCK_V)
@@ -141,12 +142,13 @@ def logprob_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, logp_ptr, lse_ptr, e
 
 @triton.jit
 def dlogits_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                        col0, width, inv_t, cap, pre, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                        HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                        col0, width, inv_t: tl.float64, cap: tl.float64, pre: tl.float64,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     """Backward of linear_logprobs on the vocab columns [col0, col0 + width) of each row, given
     the row's lse (and entropy) from the forward pass; bias_ptr points at bias[col0]."""
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    inv_t, cap, pre = stat_scalar(inv_t, ACC), stat_scalar(cap, ACC), stat_scalar(pre, ACC)
     lse = tl.load(lse_ptr + row)
     g_logp = tl.load(g_logp_ptr + row).to(ACC)
     ent = tl.zeros_like(lse)
@@ -162,7 +164,8 @@ def dlogits_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, g_
 @triton.jit
 def policy_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr,
                        terms_ptr, stride_terms, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                       width, inv_t, cap, pre, ratio_lo, ratio_hi, dual, kl_coef, ent_coef,
+                       width, inv_t: tl.float64, cap: tl.float64, pre: tl.float64, ratio_lo: tl.float64,
+                       ratio_hi: tl.float64, dual: tl.float64, kl_coef: tl.float64, ent_coef: tl.float64,
                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr,
                        KL_TYPE: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                        ON_POLICY: tl.constexpr, WRITE_GRAD: tl.constexpr, SAVE_COEF: tl.constexpr,
@@ -177,6 +180,9 @@ def policy_rows_kernel(z_ptr, stride_z, bias_ptr, tgt_ptr, old_ptr, adv_ptr, w_p
     """
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = terms_ptr.dtype.element_ty
+    inv_t, cap, pre = stat_scalar(inv_t, ACC), stat_scalar(cap, ACC), stat_scalar(pre, ACC)
+    ratio_lo, ratio_hi, dual = stat_scalar(ratio_lo, ACC), stat_scalar(ratio_hi, ACC), stat_scalar(dual, ACC)
+    kl_coef, ent_coef = stat_scalar(kl_coef, ACC), stat_scalar(ent_coef, ACC)
     row_ptr = z_ptr + row * stride_z
     # In-place hazard: WRITE_GRAD overwrites this row, and another warp of the program may reach
     # the target's column first. So the target logit is read before the statistics (whose

@@ -1,8 +1,9 @@
 """Triton kernels of the per-token clipped policy loss (the twin of torch_backend/token_loss.py).
 
 ``token_terms`` is shared with the fused LM-head kernels of ``row_kernels.py``; it works on
-blocks of tokens and on the scalars of one row alike. Hyper-parameters arrive as fp32 scalars
-(bounds precomputed in Python, like the scalar arguments of the PyTorch twin); the switches
+blocks of tokens and on the scalars of one row alike. Hyper-parameters (bounds precomputed in
+Python, like the scalar arguments of the PyTorch twin) are fp64 launch arguments, so fp64 kernels
+see them exactly, and ``stat_scalar`` rounds them once to the stat dtype; the switches
 that change the computed expression (dual clip on, KL type, whether KL/entropy enter the
 loss) are constexpr.
 """
@@ -11,6 +12,12 @@ import triton.language as tl
 
 KL_NONE = 0  # no reference log-probs: kl is 0 (KL_TYPE_IDS gives 1..5: k1, k2, k3, abs, low_var_kl)
 N_TERMS = 7  # weighted loss + the 6 statistics of STAT_NAMES
+
+
+@triton.jit
+def stat_scalar(x, ACC: tl.constexpr):
+    """A float launch argument (tl.float64; a Python float under the interpreter) in the stat dtype."""
+    return tl.full((), x, ACC)
 
 
 @triton.jit
@@ -73,13 +80,16 @@ def token_terms(logp, ent, old, adv, ref, ratio_lo, ratio_hi, dual, kl_coef, ent
 @triton.jit
 def policy_loss_kernel(logp_ptr, ent_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, ref_ptr,
                        part_ptr, g_logp_ptr, g_ent_ptr, n,
-                       ratio_lo, ratio_hi, dual, kl_coef, ent_coef,
-                       HAS_ENT: tl.constexpr, KL_TYPE: tl.constexpr, DUAL: tl.constexpr,
+                       ratio_lo: tl.float64, ratio_hi: tl.float64, dual: tl.float64, kl_coef: tl.float64,
+                       ent_coef: tl.float64, HAS_ENT: tl.constexpr, KL_TYPE: tl.constexpr, DUAL: tl.constexpr,
                        KL_IN_LOSS: tl.constexpr, ENT_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr):
     """One block of tokens: per-token gradients, and this block's sums of the weighted loss and
     statistics in part[pid, 0:7] (summed on the host side of the op, so the result is deterministic).
     Masked tokens are selected away with where(), so garbage there never leaks."""
     pid = tl.program_id(0)
+    ACC: tl.constexpr = g_logp_ptr.dtype.element_ty
+    ratio_lo, ratio_hi, dual = stat_scalar(ratio_lo, ACC), stat_scalar(ratio_hi, ACC), stat_scalar(dual, ACC)
+    kl_coef, ent_coef = stat_scalar(kl_coef, ACC), stat_scalar(ent_coef, ACC)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     valid = inb & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
