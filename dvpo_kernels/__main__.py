@@ -1,10 +1,12 @@
 """``python -m dvpo_kernels``: which backends can run here, and a self-check of every op.
 
 Each op runs on random data through every available backend and is compared with the
-float64 reference; one line per op and backend.
+float64 reference; one line per op and backend. ``--deps`` instead prints the installed
+dependency versions against the declared floors and the newest tested (dvpo_kernels/_deps.py).
 """
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -71,7 +73,14 @@ def _checks(dev):
             ("dvpo_advantages", "dvpo_advantages", da)]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dvpo_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deps", action="store_true",
+                        help="print installed dependency versions against the declared floors and the newest tested")
+    if parser.parse_args(argv).deps:
+        from . import _deps
+
+        return _deps.main()
     import importlib.util
 
     tri = importlib.util.find_spec("triton")
