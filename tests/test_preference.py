@@ -172,7 +172,8 @@ def test_micro_batches_accumulate_the_full_batch_gradient(sft_model, calibration
 
 def hh_overrides(sft_model, **extra) -> dict:
     return {**TINY, "model.path": str(sft_model), "data.pairs": str(HH), "data.limit": "40",
-            "data.eval_fraction": "0.2", "data.max_prompt_length": "40", "train.batch_size": "8", "train.lr": "2e-3",
+            "data.eval_fraction": "0.2", "data.max_prompt_length": "40", "data.max_length": "192",
+            "train.batch_size": "8", "train.lr": "2e-3",
             "train.warmup_steps": "0", "train.eval_every": "0", "train.save_every": "0", **extra}
 
 
@@ -187,7 +188,7 @@ def test_dpo_runs_from_the_example_and_its_reward_accuracy_rises(sft_model, tmp_
     assert sum(late) / 4 > 0.75, late
     assert sum(r["train/loss"] for r in rows[-4:]) / 4 < math.log(2) - 0.05
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"} <= results.keys()
-    assert results["eval/pairs"] == 4
+    assert results["eval/pairs"] == json.loads((tmp_path / "data_stats.json").read_text())["eval pairs"]["kept"] > 0
     tokenizer = load_tokenizer(str(tmp_path / "final"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert hf.config.vocab_size == len(tokenizer)
@@ -213,7 +214,8 @@ def test_offline_vpo_runs_from_the_example(sft_model, tmp_path, calibration):
                                     "rollout.max_new_tokens": "6"})
     results = run_stage("vpo", "vpo_tiny", tmp_path, **kw)
     rows = [r for r in metrics(tmp_path) if "train/loss" in r]
-    assert len(rows) == 3 and rows[0]["train/value_term"] == 0.0  # policy == reference at the first step
+    # policy == reference at the first step (up to rounding: the two passes pad their batches differently)
+    assert len(rows) == 3 and rows[0]["train/value_term"] == pytest.approx(0.0, abs=1e-6)
     for r in rows:
         assert r["train/loss"] == pytest.approx(r["train/preference_loss"] + r["train/value_term"], rel=1e-5)
         if calibration == "chosen":  # the term is -alpha * beta * (log pi - log ref) of the chosen responses
@@ -293,7 +295,8 @@ def test_lora_policies_use_the_adapter_disabled_model_as_reference_and_a_reward_
     run_stage("vpo", "vpo_tiny", tmp_path / "vpo", **kw)
     rows = metrics(tmp_path / "vpo")
     train = [r for r in rows if "train/loss" in r]
-    assert len(train) == 2 and train[0]["rewards/chosen"] == 0.0 and train[0]["rewards/rejected"] == 0.0
+    assert len(train) == 2  # the first step's policy is the reference (up to the rounding of different padding)
+    assert train[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5) == train[0]["rewards/rejected"]
     assert train[1]["rewards/margins"] != 0.0
     assert [r["online/pairs_added"] + r["online/pairs_dropped"] for r in rows if "online/pairs_added" in r] == [4, 4]
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "vpo" / "final")
