@@ -1,6 +1,7 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_distributed.py: a short dvpo run, then a check that
 every rank holds the same full weights. Args: output dir, train.parallel (``fsdp+frozen``: also shard the
-frozen reference and GVM), sft folder, gvm folder, HH file."""
+frozen reference and GVM), sft folder, gvm folder, HH file. Or: output dir, ``stage``, stage name,
+example name, JSON overrides: that stage's run."""
 from __future__ import annotations
 
 import json
@@ -58,5 +59,31 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     dist.destroy_process_group()
 
 
+def run_stage(out: str, stage: str, example: str, overrides: str) -> None:
+    """``dvpo <stage> examples/<example>.yaml`` with ``overrides`` (JSON); rank 0 records which of the trained
+    models were FSDP2-sharded."""
+    from _stages import stage_config
+
+    from dvpo.stages import STAGES
+    from dvpo.trainer import Trainer
+
+    trained = []
+    init = Trainer.__init__
+
+    def capture(self, cfg, *, model, **kwargs):
+        trained.append(model)
+        init(self, cfg, model=model, **kwargs)
+
+    Trainer.__init__ = capture
+    STAGES[stage].run(stage_config(stage, example, Path(out), **json.loads(overrides)))
+    if dist.get_rank() == 0:
+        state = {"world_size": dist.get_world_size(), "sharded": parallel.is_sharded(trained[0])}
+        (Path(out) / "ranks.json").write_text(json.dumps(state))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[2] == "stage":
+        run_stage(sys.argv[1], *sys.argv[3:])
+    else:
+        main(*sys.argv[1:])

@@ -50,3 +50,44 @@ def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):
         torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
     saved = json.loads((tmp_path / "fsdp" / "global_step_2" / "trainer_state.json").read_text())
     assert saved["step"] == 2
+
+
+def torchrun_stage(out: Path, stage: str, example: str, **overrides) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), "stage", stage, example,
+           json.dumps({"train.progress_bar": "false", "train.device": "cpu", **overrides})]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "ranks.json").read_text())
+
+
+def _pairs(sft: Path, **kw) -> dict:
+    return {"model.path": str(sft), "data.pairs": str(HH), "data.limit": "24", "data.max_length": "96",
+            "data.truncation": "prompt_left", "data.eval_fraction": "0.25", "train.batch_size": "4",
+            "train.max_steps": "2", "train.save_every": "2", **kw}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_gvm_rm_and_ppo_shard_with_fsdp2(sft_model, tmp_path):
+    """Every stage trains FSDP2-sharded under torchrun: gvm, rm, then ppo with the rm as its reward model
+    (policy and critic each sharded, the frozen reward model and reference too); sharded checkpoints, and
+    exports that load with from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    sharded = {"world_size": 2, "sharded": True}
+    assert torchrun_stage(tmp_path / "gvm", "gvm", "gvm_tiny", **_pairs(sft_model)) == sharded
+    assert torchrun_stage(tmp_path / "rm", "rm", "rm_tiny", **_pairs(sft_model)) == sharded
+    for run in ("gvm", "rm"):
+        assert json.loads((tmp_path / run / "eval.json").read_text())["eval/pairs"] > 0
+        assert (tmp_path / run / "global_step_2" / "shards" / ".metadata").is_file()
+        AutoModelForTokenClassification.from_pretrained(tmp_path / run / "final")
+    ppo = {"model.path": str(sft_model), "reward.path": str(tmp_path / "rm" / "final"), "data.prompts": str(HH),
+           "data.limit": "40", "data.max_prompt_length": "24", "data.eval_size": "3", "rollout.max_new_tokens": "6",
+           "train.batch_size": "4", "actor.mini_batch_size": "2", "train.max_steps": "2", "train.save_every": "2",
+           "train.shard_frozen": "true"}
+    assert torchrun_stage(tmp_path / "ppo", "ppo", "ppo_tiny", **ppo) == sharded
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("critic/vf_loss" in r for r in rows)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "final")
+    AutoModelForTokenClassification.from_pretrained(tmp_path / "ppo" / "final" / "critic")

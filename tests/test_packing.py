@@ -112,8 +112,10 @@ def test_packed_forward_runs_only_valid_tokens():
     with mode("auto"):
         hidden = policy.encode(ids, mask, positions)
     hook.remove()
-    assert seen[0]["input_ids"].shape == (1, 10) and seen[0]["attention_mask"] is None
-    assert seen[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2]]
+    # sdpa: rows no wider than the batch, longest sequence first, each into the first row with room
+    assert seen[0]["attention_mask"] is None
+    assert seen[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert seen[0]["input_ids"].tolist() == [ids[0, 1:].tolist(), ids[3, 3:].tolist() + ids[1, 4:].tolist()]
     assert torch.equal(hidden[~mask.bool()], torch.zeros_like(hidden[~mask.bool()]))
 
 
@@ -127,12 +129,19 @@ def test_empty_batch_keeps_graph():
     assert all(p.grad is not None for p in policy.backbone.layers[0].parameters())
 
 
-def test_pack_unpack_roundtrip():
-    ids, mask, _ = _batch([3, 0, 4], 5, "left", seed=1)
-    packed = pack(ids, mask)
-    assert packed.input_ids.tolist()[0] == ids[mask.bool()].tolist()
+@pytest.mark.parametrize("width", [None, 5, 7])
+def test_pack_unpack_roundtrip(width):
+    ids, mask, _ = _batch([3, 0, 4, 1, 5, 2], 5, "left", seed=1)
+    packed = pack(ids, mask, width)
+    if width is None:  # flash-attn: one row of every valid token
+        assert packed.input_ids.shape == (1, 15)
+    else:  # rows as wide as the longest sequence or ``width``, filled first-fit
+        assert packed.input_ids.shape[1] <= max(width, 5) and packed.input_ids.shape[0] == -(-15 // max(width, 5))
     back = unpack(packed.input_ids[..., None].float(), packed)[..., 0]
     assert torch.equal(back, torch.where(mask.bool(), ids, 0).float())
+    # every sequence starts at position 0 and counts up; row-end padding starts a sequence of its own
+    assert sorted(packed.position_ids.reshape(-1)[packed.target].tolist()) == \
+        sorted(packing.sequence_positions(mask)[mask.bool()].tolist())
     with pytest.raises(ValueError, match="attention_mask"):
         pack(ids, mask[:, 1:])
 

@@ -1,4 +1,4 @@
-"""Padding-free forwards: the valid tokens of a padded ``[B, L]`` batch run as one ``[1, nnz]`` row.
+"""Padding-free forwards: the valid tokens of a padded ``[B, L]`` batch run as packed rows.
 
 Each sequence keeps its own positions (0, 1, 2, ... over its valid tokens) and attends only to itself:
 transformers reads the sequence boundaries from ``position_ids`` when no attention mask is given (a
@@ -22,9 +22,10 @@ _ATTENTION = ("sdpa", "eager")
 
 @dataclass
 class Packed:
-    input_ids: Tensor  # [1, nnz]
-    position_ids: Tensor  # [1, nnz]
-    rows: Tensor  # [nnz] flat indices of the packed tokens in the [B, L] batch
+    input_ids: Tensor  # [R, W]
+    position_ids: Tensor  # [R, W]
+    source: Tensor  # [nnz] flat indices of the packed tokens in the [B, L] batch
+    target: Tensor  # [nnz] their flat indices in the [R, W] packed rows
     shape: tuple[int, int]  # (B, L)
     empty: bool  # no valid token: one padding token runs so that sharded forwards stay collective
 
@@ -34,29 +35,74 @@ def sequence_positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def pack(input_ids: Tensor, attention_mask: Tensor) -> Packed:
-    """The valid tokens of ``input_ids`` as one row, with per-sequence positions."""
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequences (by index) into rows of at most ``width`` tokens, longest first, each into the first row
+    with room: few rows, little padding."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] == 0:
+            continue
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
+
+
+def pack(input_ids: Tensor, attention_mask: Tensor, width: int | None = None) -> Packed:
+    """The valid tokens of ``input_ids`` packed into rows of at most ``width`` tokens (None: one row of
+    all of them), each sequence whole in one row with its own positions. Row ends are filled with
+    padding that counts 0, 1, ... as a sequence of its own, so it touches no real token."""
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"attention_mask must be [B, L] like input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
-    valid = attention_mask.reshape(-1).bool()
-    rows = valid.nonzero().squeeze(1)
-    empty = rows.numel() == 0
-    if empty:
-        rows = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-    positions = sequence_positions(attention_mask).reshape(-1).index_select(0, rows)
-    return Packed(input_ids.reshape(-1).index_select(0, rows)[None], positions[None], rows,
-                  tuple(input_ids.shape), empty)
+    b, length = input_ids.shape
+    device = input_ids.device
+    counts = attention_mask.bool().sum(-1).tolist()
+    nnz = sum(counts)
+    if nnz == 0:
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        return Packed(input_ids.reshape(-1)[:1][None], zero[None], zero, zero, (b, length), True)
+    width = nnz if width is None else max(width, max(counts))
+    rows = first_fit(counts, width)
+    used = [sum(counts[i] for i in row) for row in rows]
+    row_width = max(used)
+    # each sequence's valid tokens (flat [B*L] indices, in order) and where they land in the packed rows
+    valid = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    order = [i for row in rows for i in row]
+    source = torch.cat([valid[starts[i]:starts[i + 1]] for i in order])
+    offsets = torch.tensor([r * row_width for r, row in enumerate(rows) for _ in row], device=device)
+    within = torch.tensor([sum(counts[j] for j in row[:k]) for row in rows for k in range(len(row))], device=device)
+    lengths = torch.tensor([counts[i] for i in order], device=device)
+    first = torch.repeat_interleave(offsets + within, lengths)
+    step = torch.arange(nnz, device=device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    target = first + step
+    filler = torch.arange(row_width, device=device).expand(len(rows), -1) - \
+        torch.tensor(used, device=device)[:, None]  # the row-end padding counts from 0
+    positions = filler.clamp_min(0).reshape(-1).index_put((target,), step)
+    ids = input_ids.new_full((len(rows) * row_width,), 0).index_put((target,), input_ids.reshape(-1)[source])
+    return Packed(ids.view(len(rows), row_width), positions.view(len(rows), row_width), source, target,
+                  (b, length), False)
 
 
 def unpack(values: Tensor, packed: Packed) -> Tensor:
-    """``[1, nnz, ...]`` -> ``[B, L, ...]``, zeros at the padding."""
-    flat = values[0]
+    """``[R, W, ...]`` -> ``[B, L, ...]``, zeros at the padding."""
+    flat = values.reshape(-1, *values.shape[2:])
     if packed.empty:
-        flat = flat * 0  # keeps the graph (a backward still reaches every sharded parameter)
+        flat = flat[:1] * 0  # keeps the graph (a backward still reaches every sharded parameter)
+        source = packed.source
+    else:
+        flat, source = flat.index_select(0, packed.target), packed.source
     b, length = packed.shape
     out = flat.new_zeros((b * length, *flat.shape[1:]))
-    return out.index_copy(0, packed.rows, flat).view(b, length, *flat.shape[1:])
+    return out.index_copy(0, source, flat).view(b, length, *flat.shape[1:])
 
 
 def supports_packing(hf_model: nn.Module) -> bool:
@@ -115,8 +161,12 @@ def should_pack(hf_model: nn.Module, attention_mask: Tensor | None, position_ids
 
 
 def packed_backbone(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``backbone``'s final hidden states ``[B, L, H]`` from one packed forward (zeros at the padding)."""
-    packed = pack(input_ids, attention_mask)
+    """``backbone``'s final hidden states ``[B, L, H]`` from a packed forward (zeros at the padding). Under
+    flash-attn one row of every valid token (varlen attention skips the other sequences); under
+    sdpa/eager, whose packed attention is a dense block-diagonal mask over its row, rows no wider than
+    the longest sequence, so attention costs no more than the padded batch's."""
+    flash = backbone.config._attn_implementation.startswith("flash_attention")
+    packed = pack(input_ids, attention_mask, None if flash else attention_mask.shape[1])
     hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
                       use_cache=False).last_hidden_state
     return unpack(hidden, packed)

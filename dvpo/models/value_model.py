@@ -52,11 +52,16 @@ class ValueModel(HFWrapper):
         return dk.value_head(hidden, self.head.weight, self.head.bias)
 
     @torch.no_grad()
-    def export(self, folder: str | Path, tokenizer) -> None:
+    def export(self, folder: str | Path, tokenizer, state_dict: dict | None = None) -> None:
         """``save_pretrained`` (safetensors) plus the tokenizer: loads with
         ``AutoModelForTokenClassification.from_pretrained(folder)``. LoRA adapters are merged first
-        (the wrapped module becomes the merged model)."""
-        if hasattr(self.module, "merge_and_unload"):
-            self.module = self.module.merge_and_unload()
-        self.module.save_pretrained(folder)
+        (the wrapped module becomes the merged model). ``state_dict``: the gathered full state of an
+        FSDP2-sharded model (keys of the wrapper or of the wrapped module)."""
+        if state_dict is not None:
+            self.hf_model.save_pretrained(folder, state_dict={k.removeprefix("module."): v
+                                                              for k, v in state_dict.items()})
+        else:
+            if hasattr(self.module, "merge_and_unload"):
+                self.module = self.module.merge_and_unload()
+            self.module.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -96,7 +96,8 @@ class RolloutStep:
             ((self.seed * 1_000_003 + step) * 1_000_033 + distributed.rank()) % 2**63)
         kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         kw.update(overrides)
-        with parallel.gathered_root(self.policy), torch.no_grad(), generation_autocast(self.device, self.bf16):
+        with parallel.gathered_root(self.policy, layers=True), torch.no_grad(), \
+                generation_autocast(self.device, self.bf16):
             rollout = self.engine.generate(prompt_ids, pad_token_id=self.tokenizer.pad_token_id,
                                            eos_token_id=self.stop_ids, generator=generator, **kw)
         return Experience.from_rollout(rollout)

@@ -43,6 +43,7 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    parallel,
     resolve_resume,
     start_run,
     step_generator,
@@ -183,13 +184,20 @@ def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
     return PairData(tokenizer, examples, held_out)
 
 
-def trainable_value_model(cfg: ModelConfig, tokenizer, device: torch.device) -> ValueModel:
+def trainable_value_model(cfg: ModelConfig, tokenizer, device: torch.device,
+                          parallel_mode: str = "replicate") -> ValueModel:
     """A value model to train: backbone + scalar head, LoRA on the backbone when asked (the head stays
-    fully trainable)."""
+    fully trainable), FSDP2-sharded under torchrun unless ``train.parallel=replicate``."""
     module = load_token_value_model(cfg, tokenizer, device)
     if cfg.lora_r > 0:
         module = apply_lora(module, cfg)
-    return ValueModel(module)
+    model = ValueModel(module)
+    if parallel.use_fsdp(parallel_mode):
+        if cfg.lora_r > 0 and parallel_mode == "fsdp":
+            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
+        if cfg.lora_r == 0:  # auto with LoRA: replicas (the adapters are small)
+            parallel.shard(model, model.hf_model)
+    return model
 
 
 def value_checkpoint_files(model: ValueModel, tokenizer, lora: bool):
@@ -273,6 +281,11 @@ class GVMStep:
         return metrics
 
 
+def pair_weights(batch, weights: list[float], device: torch.device) -> torch.Tensor:
+    """``[P]``: the weight of each pair's example (0 for :func:`distributed.padded_shard`'s padding)."""
+    return torch.tensor([w for w, rows in zip(weights, batch.example_rows) if len(rows) == 2], device=device)
+
+
 @torch.no_grad()
 def evaluate_pairs(model: ValueModel, examples: list[ValueExample], *, batch_size: int, pad_token_id: int,
                    device: torch.device, bf16: bool) -> dict[str, torch.Tensor]:
@@ -280,16 +293,16 @@ def evaluate_pairs(model: ValueModel, examples: list[ValueExample], *, batch_siz
     one half), and the mean last-state margin V_chosen - V_rejected; each rank scores its share of
     ``examples`` and the counts are summed over ranks."""
     model.eval()
-    shard = examples[distributed.rank()::distributed.world_size()]
+    shard, weights = distributed.padded_shard(examples)  # as many forwards on every rank (FSDP2)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # wins_last, wins_mean, margin, pairs
     for start in range(0, len(shard), batch_size):
         batch = collate_values(shard[start:start + batch_size], pad_token_id).to(device)
+        w = pair_weights(batch, weights[start:start + batch_size], device)
         with autocast(device, bf16):
             values = model(batch.input_ids, batch.attention_mask)[:, :-1]
         last, mean = last_values(values, batch.mask), mean_values(values, batch.mask)
-        totals += torch.stack([pair_wins(last, batch.pairs).sum(), pair_wins(mean, batch.pairs).sum(),
-                               (last[batch.pairs[:, 0]] - last[batch.pairs[:, 1]]).sum(),
-                               torch.tensor(float(batch.pairs.shape[0]), device=device)]).double()
+        totals += torch.stack([(w * pair_wins(last, batch.pairs)).sum(), (w * pair_wins(mean, batch.pairs)).sum(),
+                               (w * (last[batch.pairs[:, 0]] - last[batch.pairs[:, 1]])).sum(), w.sum()]).double()
     model.train()
     distributed.all_reduce_(totals)
     n = totals[3].clamp(min=1)
@@ -305,7 +318,7 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     data = prepare_data(cfg.data, cfg.model, cfg.train, resume_from)
     tokenizer = data.tokenizer
-    model = trainable_value_model(cfg.model, tokenizer, device)
+    model = trainable_value_model(cfg.model, tokenizer, device, cfg.train.parallel)
     model.kind = "gvm"  # saved with it: scorers read a GVM at its last trained state, not at EOS
 
     t = cfg.train
@@ -330,5 +343,5 @@ def run(cfg: GVMStageConfig) -> dict[str, float]:
             return evaluate_pairs(model, data.eval, batch_size=per_rank, pad_token_id=tokenizer.pad_token_id,
                                   device=device, bf16=bf16)
 
-    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder, _: model.export(folder, tokenizer),
+    return trainer.fit(step, eval_fn=eval_fn, export_fn=lambda folder, state: model.export(folder, tokenizer, state),
                        write_extra=value_checkpoint_files(model, tokenizer, cfg.model.lora_r > 0))

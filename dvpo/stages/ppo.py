@@ -44,10 +44,12 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    parallel,
     step_generator,
     trainable_parameters,
 )
 from .registry import register_stage
+from .common import shard_frozen
 from .rl_setup import RLStageConfig, setup_rl
 
 log = logging.getLogger(__name__)
@@ -187,17 +189,18 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     """Train and export the policy (``final/``) and the critic (``final/critic``); ``reward_fn(prompt_ids,
     response_ids) -> rewards`` (e.g. an oracle) is added to the evaluation when given."""
     t = cfg.train
-    parallel_mode = "replicate" if t.parallel == "auto" else t.parallel
-    if parallel_mode != "replicate" and distributed.is_distributed():
-        raise ConfigError("dvpo ppo trains two models and runs them as replicas under torchrun: "
-                          "use train.parallel=replicate (or auto)")
+    # auto with a LoRA policy: replicas (the adapters are small); else policy and critic each FSDP2-sharded
+    parallel_mode = "replicate" if t.parallel == "auto" and cfg.model.lora_r > 0 else t.parallel
     s = setup_rl(cfg, parallel_mode, actor_steps_skipped=cfg.critic.warmup_steps)
     check_same_vocabulary(s.tokenizer, load_tokenizer(cfg.reward.path), f"the reward model at {cfg.reward.path}")
-    reward_model = frozen_value_model(cfg.reward.path, s.tokenizer, s.device, s.bf16)
+    reward_model = shard_frozen(frozen_value_model(cfg.reward.path, s.tokenizer, s.device, s.bf16), parallel_mode,
+                                t.shard_frozen)
     critic_cfg = ModelConfig(path=cfg.critic.init or cfg.reward.path,
                              gradient_checkpointing=cfg.model.gradient_checkpointing)
     critic = ValueModel(load_token_value_model(critic_cfg, s.tokenizer, s.device))
     critic.kind = "critic"
+    if parallel.use_fsdp(parallel_mode):  # policy and critic each their own FSDP2 root
+        parallel.shard(critic, critic.hf_model)
     critic_train = dataclasses.replace(t, lr=cfg.critic.lr)
     critic_optimizer = build_optimizer(critic, critic_train)
     critic_scheduler = build_scheduler(critic_optimizer, critic_train,
@@ -213,8 +216,11 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     trainer.restore()
 
     def export(folder, state):
-        s.policy.export(folder, s.tokenizer, state)
-        critic.export(folder / "critic", s.tokenizer)
+        """``state``: ActorCritic's gathered full state when sharded (``policy.*`` and ``critic.*``)."""
+        part = (lambda name: None) if state is None else \
+            (lambda name: {k.removeprefix(name): v for k, v in state.items() if k.startswith(name)})
+        s.policy.export(folder, s.tokenizer, part("policy."))
+        critic.export(folder / "critic", s.tokenizer, part("critic."))
 
     eval_fn = (lambda: step.evaluate(s.eval_prompts, s.per_rank, reward_fn)) if s.eval_prompts else None
     return trainer.fit(step, eval_fn=eval_fn, export_fn=export,

@@ -36,7 +36,7 @@ from ..trainer import (
     trainable_parameters,
     use_bf16,
 )
-from .gvm import PairDataConfig, prepare_data, trainable_value_model, value_checkpoint_files
+from .gvm import PairDataConfig, pair_weights, prepare_data, trainable_value_model, value_checkpoint_files
 from .registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,16 @@ def evaluate_rewards(model: ValueModel, examples: list[ValueExample], *, batch_s
     """Pairwise accuracy (ties count one half), mean margin and mean Bradley-Terry loss over ``examples``;
     each rank scores its share and the sums are added over ranks."""
     model.eval()
-    shard = examples[distributed.rank()::distributed.world_size()]
+    shard, weights = distributed.padded_shard(examples)  # as many forwards on every rank (FSDP2)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, wins, margin, pairs
     for start in range(0, len(shard), batch_size):
         batch = collate_values(shard[start:start + batch_size], pad_token_id).to(device)
+        w = pair_weights(batch, weights[start:start + batch_size], device)
         with autocast(device, bf16):
             scores = sequence_scores(model, batch)
         d = margins(scores, batch.pairs)
-        totals += torch.stack([-F.logsigmoid(d).sum(), pair_wins(scores, batch.pairs).sum(), d.sum(),
-                               torch.tensor(float(len(d)), device=device)]).double()
+        totals += torch.stack([-(w * F.logsigmoid(d)).sum(), (w * pair_wins(scores, batch.pairs)).sum(),
+                               (w * d).sum(), w.sum()]).double()
     model.train()
     distributed.all_reduce_(totals)
     n = totals[3].clamp(min=1)
@@ -112,7 +113,7 @@ def run(cfg: RMStageConfig) -> dict[str, float]:
     resume_from = resolve_resume(t.resume, t.output_dir)
     data = prepare_data(cfg.data, cfg.model, t, resume_from)
     tokenizer, pad = data.tokenizer, data.tokenizer.pad_token_id
-    model = trainable_value_model(cfg.model, tokenizer, device)
+    model = trainable_value_model(cfg.model, tokenizer, device, t.parallel)
     model.kind = "reward_model"
 
     batches = EpochBatches(len(data.train), t.batch_size, seed=t.seed)
@@ -151,7 +152,8 @@ def run(cfg: RMStageConfig) -> dict[str, float]:
                       total_steps=total_steps)
     trainer.restore()
     model.train()
-    results = trainer.fit(step_fn, eval_fn=eval_fn, export_fn=lambda folder, _: model.export(folder, tokenizer),
+    results = trainer.fit(step_fn, eval_fn=eval_fn,
+                          export_fn=lambda folder, state: model.export(folder, tokenizer, state),
                           write_extra=value_checkpoint_files(model, tokenizer, cfg.model.lora_r > 0))
     if results:
         log.info("rm: held-out pairwise accuracy %.3f, margin %.3f", results["eval/pair_acc"], results["eval/margin"])

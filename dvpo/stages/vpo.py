@@ -250,7 +250,7 @@ class OnlineRounds:
         prompts = [self.pool[i] for i in order[:self.cfg.vpo.prompts_per_round].tolist()]
         prompts = prompts[distributed.rank()::distributed.world_size()]
         generator = seeded_generator(run.device, "online", seed, round_index, distributed.rank())
-        with parallel.gathered_root(run.policy):
+        with parallel.gathered_root(run.policy, layers=True):
             responses = sample_responses(self.engine, [p for p in prompts for _ in (0, 1)], self.cfg.rollout,
                                          run.tokenizer, generator, run.bf16)
         first, second = responses[0::2], responses[1::2]

@@ -2,10 +2,12 @@
 
 A checkpoint is written into a hidden temporary folder beside its final place, every file is
 fsync'ed, and the folder is renamed into place: a ``global_step_N`` folder that exists is complete,
-whatever killed the process. Contents: ``model.safetensors`` (the module's full state dict),
-``optimizer.pt``, ``scheduler.pt``, ``rng.pt``, ``trainer_state.json`` (step, data position, ...),
-plus what the stage adds (model config, tokenizer), so a checkpoint of a plain Hugging Face model
-also loads with ``from_pretrained``.
+whatever killed the process. Contents: ``model.safetensors`` (the module's full state dict) and
+``optimizer.pt`` in one process -- a checkpoint of a plain Hugging Face model also loads with
+``from_pretrained`` -- or, under torch.distributed, ``shards/`` (``torch.distributed.checkpoint``:
+each rank writes its own shards of model and optimizer, and a resume on any number of ranks reads
+them resharded); then ``scheduler.pt``, ``rng.pt``, ``trainer_state.json`` (step, data position, ...),
+plus what the stage adds (model config, tokenizer).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import distributed, parallel
@@ -27,6 +30,7 @@ from .rng import rng_state, set_rng_state
 
 PREFIX = "global_step_"
 STATE_FILE = "trainer_state.json"
+SHARDS = "shards"
 _STEP_DIR = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -46,6 +50,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``."""
+    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one out first
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary folder; on success it replaces ``final`` in one rename (after fsync)."""
@@ -56,14 +72,7 @@ def atomic_directory(final: Path):
     try:
         yield tmp
         _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): move the old one out first
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync_dir(final.parent)
+        _replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -100,7 +109,8 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer, scheduler, RNG and trainer state; only rank 0 writes."""
+    """Saves and restores model, optimizer, scheduler, RNG and trainer state; rank 0 writes all but the
+    model and optimizer shards of a distributed run."""
 
     def __init__(self, output_dir: str | os.PathLike, save_total_limit: int = 0):
         self.output_dir = Path(output_dir)
@@ -109,26 +119,45 @@ class Checkpointer:
     def save(self, step: int, *, model: nn.Module, optimizer, scheduler, state: dict,
              write_extra: Callable[[Path], None] | None = None) -> Path:
         final = self.output_dir / f"{PREFIX}{step}"
-        sharded = parallel.is_sharded(model)
-        if sharded:  # gathering is a collective: every rank takes part, rank 0 writes
-            model_state = parallel.full_model_state(model)
-            optim_state = parallel.full_optimizer_state(model, optimizer)
-        if distributed.is_main():
+        if distributed.is_distributed():
+            self._save_sharded(final, model, optimizer, scheduler, state, write_extra)
+        else:
             with atomic_directory(final) as tmp:
-                if sharded:
-                    save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                    torch.save(optim_state, tmp / "optimizer.pt")
-                else:
-                    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save(rng_state(), tmp / "rng.pt")
-                if write_extra is not None:
-                    write_extra(tmp)
-                (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                self._write_rest(tmp, step, scheduler, state, write_extra)
+            self._rotate()
+        return final
+
+    def _save_sharded(self, final: Path, model, optimizer, scheduler, state, write_extra) -> None:
+        """Every rank writes its shards of model and optimizer into ``shards/`` (replicated tensors once);
+        rank 0 the rest, then renames the folder into place once all ranks are done."""
+        tmp = final.parent / f".tmp-{final.name}"
+        if distributed.is_main():
+            if tmp.exists():  # left by a killed run
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        dcp.save(parallel.sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDS))
+        distributed.barrier()
+        if distributed.is_main():
+            try:
+                self._write_rest(tmp, int(final.name.removeprefix(PREFIX)), scheduler, state, write_extra)
+                _fsync_tree(tmp)
+                _replace(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
             self._rotate()
         distributed.barrier()
-        return final
+
+    @staticmethod
+    def _write_rest(folder: Path, step: int, scheduler, state: dict, write_extra) -> None:
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(rng_state(), folder / "rng.pt")
+        if write_extra is not None:
+            write_extra(folder)
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
 
     def _rotate(self) -> None:
         if self.save_total_limit <= 0:
@@ -140,9 +169,13 @@ class Checkpointer:
     def load(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler) -> dict:
         """Restore everything saved at ``path``; returns the trainer state (``step``, ...)."""
         path = Path(path)
-        if parallel.is_sharded(model):
-            parallel.load_full_state(model, optimizer, load_file(str(path / "model.safetensors")),
-                                     torch.load(path / "optimizer.pt", weights_only=True))
+        if (path / SHARDS).is_dir():  # written by a distributed run: resharded onto this run's ranks
+            state = parallel.sharded_state(model, optimizer)
+            dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=not distributed.is_distributed())
+            parallel.load_sharded_state(model, optimizer, state)
+        elif parallel.is_sharded(model) or distributed.is_distributed():
+            raise ValueError(f"{path}: a single-process checkpoint; resume it in one process (distributed runs "
+                             f"write and read sharded checkpoints, {SHARDS}/)")
         else:
             device = next(model.parameters()).device
             missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,

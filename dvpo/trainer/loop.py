@@ -26,7 +26,7 @@ from .batches import EpochBatches
 from .checkpoint import Checkpointer, atomic_directory, resolve_resume
 from .config import TrainConfig
 from .metrics import MetricsLogger, mean_over_ranks, to_floats
-from .precision import resolve_device
+from .precision import resolve_device, use_bf16
 from .rng import seed_everything
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ def start_run(train: TrainConfig, full_config) -> torch.device:
         (out / "config.yaml").write_text(dump_yaml(full_config), encoding="utf-8")
         _log_to_file(out / "train.log")
     distributed.barrier()
-    return resolve_device(train.device)
+    device = resolve_device(train.device)
+    parallel.set_mixed_precision(use_bf16(train.precision, device))
+    return device
 
 
 def write_json(path: Path, data: dict) -> None:

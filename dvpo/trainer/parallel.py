@@ -15,11 +15,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from . import distributed
 
@@ -36,6 +35,15 @@ def decoder_layers(hf_model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+_bf16 = False
+
+
+def set_mixed_precision(bf16: bool) -> None:
+    """Whether :func:`shard` gives the decoder layers an FSDP2 bf16 mixed-precision policy (bf16 runs)."""
+    global _bf16
+    _bf16 = bf16
+
+
 def use_fsdp(mode: str) -> bool:
     if mode not in PARALLEL_MODES:
         raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
@@ -47,8 +55,11 @@ def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
 
     One token goes through ``wrapper(ids, mask, *forward_args)`` at once: FSDP2 sets its root up on the
     first forward it sees, and that must be the wrapper's, not a layer's reached first by generation."""
+    # bf16 runs gather the layers' weights in bf16 (half the all-gather) and reduce gradients in fp32; the
+    # root (embeddings, final norm, heads) stays fp32 like under autocast
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if _bf16 else None
     for layer in decoder_layers(hf_model):
-        fully_shard(layer)
+        fully_shard(layer, **({"mp_policy": policy} if policy else {}))
     fully_shard(wrapper)
     device = next(hf_model.parameters()).device
     one = torch.ones(1, 1, dtype=torch.long, device=device)
@@ -59,21 +70,37 @@ def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    """``model`` holds FSDP2-sharded parameters (itself, or submodules such as PPO's policy and critic)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def optimizers_of(optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers behind ``optimizer`` (a :class:`~dvpo.trainer.optim.Bundle` holds several)."""
+    members = getattr(optimizer, "members", None)
+    return list(members.values()) if members is not None else [optimizer]
 
 
 @contextlib.contextmanager
-def gathered_root(model: nn.Module):
-    """Hold the root's own parameters gathered, for code that calls submodules directly (generation);
-    the layers still gather themselves in their forward."""
-    if not is_sharded(model):
+def gathered_root(model: nn.Module, layers: bool = False):
+    """Hold the root's own parameters gathered, for code that calls submodules directly (the backbone
+    without the wrapper's forward); the layers still gather themselves in their forward. ``layers``:
+    gather every layer once for the whole block (generation: one all-gather per rollout instead of one
+    per layer per generated token, at the cost of holding the full model)."""
+    if not isinstance(model, FSDPModule):
         yield
         return
-    model.unshard()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if layers else [model]
+    for unit in units:
+        if layers:
+            unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        for unit in units:
+            if layers:
+                unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,14 +108,13 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+def sharded_state(model: nn.Module, optimizer) -> dict:
+    """Model and optimizer state as each rank holds it (its shards of sharded tensors, keyed by parameter
+    name): what ``torch.distributed.checkpoint`` saves, and loads back resharded for any rank count."""
+    model_state, optim_state = get_state_dict(model, optimizers_of(optimizer))
+    return {"model": model_state, "optimizer": optim_state}
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
-                    optim_state: dict | None) -> None:
-    """Load full state dicts into a sharded model (and its optimizer); every rank calls it."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+def load_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
+    set_state_dict(model, optimizers_of(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
