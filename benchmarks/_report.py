@@ -1,6 +1,7 @@
 """What every benchmark report records: device, versions, git state."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_state() -> tuple[str, bool]:
-    """(HEAD sha, whether the tree has uncommitted changes)."""
+    """(HEAD sha, whether the tree has uncommitted changes).
+
+    A copy of the tree without its history (a GPU machine) takes them from DVPO_GIT_SHA and
+    DVPO_GIT_DIRTY, recorded where the copy was made (benchmarks/gpu_suite.py --prepare)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -18,7 +22,7 @@ def git_state() -> tuple[str, bool]:
                                     text=True).stdout.strip())
         return sha, dirty
     except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
+        return os.environ.get("DVPO_GIT_SHA", "unknown"), os.environ.get("DVPO_GIT_DIRTY") == "1"
 
 
 def environment(device: torch.device) -> dict:
