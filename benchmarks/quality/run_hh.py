@@ -14,7 +14,8 @@ batches and data. Reported:
 3. a few sampled responses per method.
 
 Scales: ``tiny`` (a random 2-layer model with a ChatML tokenizer trained on the pairs, every stage in this
-process: seconds, what the test runs), ``cpu`` (the converted SmolLM2, top 2 layers trained, a few hundred pairs: under an hour on 2 cores),
+process: seconds, what the test runs), ``cpu`` (the converted SmolLM2, top 2 layers trained, a handful of steps: a
+smoke-sized run, 30-60 minutes on 2 shared cores),
 ``gpu`` (all pairs, full fine-tuning, longer RL). Writes ``hh_<scale>.json``, ``.md`` and
 ``hh_<scale>_gold_vs_kl.svg`` under ``--out``.
 
@@ -53,7 +54,7 @@ SCALES = {
     # pairs: gold / proxy / held-out; steps: gold RM / GVM = proxy RM / each policy method
     "tiny": {"pairs": (48, 32, 8), "value_steps": (6, 3), "policy_steps": 1, "batch": 4, "max_length": 96,
              "max_prompt_length": 64, "max_new_tokens": 8, "eval_prompts": 4, "samples": 1, "trainable_layers": 0},
-    "cpu": {"pairs": (48, 24, 24), "value_steps": (4, 2), "policy_steps": 2, "batch": 4, "max_length": 128,
+    "cpu": {"pairs": (64, 32, 16), "value_steps": (4, 2), "policy_steps": 2, "batch": 4, "max_length": 128,
             "max_prompt_length": 96, "max_new_tokens": 16, "eval_prompts": 6, "samples": 2, "trainable_layers": 2},
     "gpu": {"pairs": (1000, 1000, 312), "value_steps": (500, 250), "policy_steps": 200, "batch": 32,
             "max_length": 512, "max_prompt_length": 384, "max_new_tokens": 128, "eval_prompts": 312, "samples": 3,
@@ -180,8 +181,9 @@ def value_models(stage: StageRunner, s: dict, files: dict, base: Path, seed: int
 
     runs = {"gold_rm": stage(f"gold_rm_s{seed}", "rm", {"model": model, "data": {**data, "pairs": [str(files["gold"])]},
                                                          "train": train(f"gold_rm_s{seed}", gold_steps)}),
-            "proxy_rm": stage(f"proxy_rm_s{seed}", "rm", {"model": model, "data": {**data, "pairs": [str(files["proxy"])]},
-                                                           "train": train(f"proxy_rm_s{seed}", proxy_steps)}),
+            "proxy_rm": stage(f"proxy_rm_s{seed}", "rm", {
+                "model": model, "data": {**data, "pairs": [str(files["proxy"])]},
+                "train": train(f"proxy_rm_s{seed}", proxy_steps)}),
             "gvm": stage(f"gvm_s{seed}", "gvm", {"model": model, "data": {**data, "pairs": [str(files["proxy"])]},
                                                  "gvm": {"epochs_per_batch": 1},
                                                  "train": train(f"gvm_s{seed}", proxy_steps)})}
@@ -244,7 +246,7 @@ def to_markdown(report: dict) -> str:
     acc = report["accuracy"]
     lines = [f"Anthropic HH harmless, scale {report['scale']}: {report['model']}, {s['pairs'][0]} gold / "
              f"{s['pairs'][1]} proxy / {s['pairs'][2]} held-out pairs (seeded split), "
-             f"{'top %d layers + head trained' % s['trainable_layers'] if s['trainable_layers'] else 'full fine-tuning'}"
+             + (f"top {s['trainable_layers']} layers + head trained" if s["trainable_layers"] else "full fine-tuning") +
              f", on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, git "
              f"{env['git_sha'][:12]}{' dirty' if env['git_dirty'] else ''}); {report['minutes']:.1f} minutes.", "",
              f"Held-out pairwise accuracy ({len(report['seeds'])} seeds: {', '.join(map(str, report['seeds']))}; "
