@@ -20,6 +20,11 @@ from dvpo.stages import rl_setup
 from dvpo.trainer import parallel
 
 
+def parallel_kind(model: torch.nn.Module) -> str:
+    """``fsdp`` (sharded: the model or its submodules) or ``replicate``."""
+    return "fsdp" if parallel.is_sharded(model) else "replicate"
+
+
 def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     captured = {}
     build = rl_setup.trainable_policy
@@ -53,7 +58,7 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
     if dist.get_rank() == 0:
         spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
         (Path(out) / "ranks.json").write_text(json.dumps({"max_rank_difference": spread,
-                                                          "sharded": parallel.is_sharded(policy),
+                                                          "parallel": parallel_kind(policy),
                                                           "world_size": dist.get_world_size(),
                                                           "whiten_error_below_1e-5": whiten_error < 1e-5}))
     dist.destroy_process_group()
@@ -77,7 +82,7 @@ def run_stage(out: str, stage: str, example: str, overrides: str) -> None:
     Trainer.__init__ = capture
     STAGES[stage].run(stage_config(stage, example, Path(out), **json.loads(overrides)))
     if dist.get_rank() == 0:
-        state = {"world_size": dist.get_world_size(), "sharded": parallel.is_sharded(trained[0])}
+        state = {"world_size": dist.get_world_size(), "parallel": parallel_kind(trained[0])}
         (Path(out) / "ranks.json").write_text(json.dumps(state))
     dist.destroy_process_group()
 

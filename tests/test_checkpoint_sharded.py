@@ -29,7 +29,7 @@ def _step(run: Path, step: int) -> dict:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_sharded_checkpoint_resumes_on_one_and_two_ranks(sft_model, tmp_path):
     whole = tmp_path / "whole"
-    assert torchrun_stage(whole, "sft", "sft_tiny", **_sft(sft_model)) == {"world_size": 2, "sharded": True}
+    assert torchrun_stage(whole, "sft", "sft_tiny", **_sft(sft_model)) == {"world_size": 2, "parallel": "fsdp"}
     shards = whole / "global_step_2" / "shards"
     assert sorted(p.name for p in shards.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
     assert not (whole / "global_step_2" / "model.safetensors").exists()

@@ -33,9 +33,9 @@ def test_two_ranks_fsdp2_and_replicas_agree(sft_model, gvm_model, tmp_path):
     replicas = torchrun(tmp_path / "replicate", "replicate", sft_model, gvm_model)
     all_sharded = torchrun(tmp_path / "fsdp_frozen", "fsdp+frozen", sft_model, gvm_model)
     common = {"max_rank_difference": 0.0, "world_size": 2, "whiten_error_below_1e-5": True}
-    assert fsdp == {**common, "sharded": True}
-    assert replicas == {**common, "sharded": False}
-    assert all_sharded == {**common, "sharded": True}
+    assert fsdp == {**common, "parallel": "fsdp"}
+    assert replicas == {**common, "parallel": "replicate"}
+    assert all_sharded == {**common, "parallel": "fsdp"}
     # 3 held-out prompts over 2 ranks: the shorter share is padded, the mean counts real prompts only
     evals = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
     assert evals["eval/prompts"] == 3
@@ -75,7 +75,7 @@ def test_gvm_rm_and_ppo_shard_with_fsdp2(sft_model, tmp_path):
     exports that load with from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    sharded = {"world_size": 2, "sharded": True}
+    sharded = {"world_size": 2, "parallel": "fsdp"}
     assert torchrun_stage(tmp_path / "gvm", "gvm", "gvm_tiny", **_pairs(sft_model)) == sharded
     assert torchrun_stage(tmp_path / "rm", "rm", "rm_tiny", **_pairs(sft_model)) == sharded
     for run in ("gvm", "rm"):

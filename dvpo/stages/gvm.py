@@ -187,17 +187,12 @@ def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
 def trainable_value_model(cfg: ModelConfig, tokenizer, device: torch.device,
                           parallel_mode: str = "replicate") -> ValueModel:
     """A value model to train: backbone + scalar head, LoRA on the backbone when asked (the head stays
-    fully trainable), FSDP2-sharded under torchrun unless ``train.parallel=replicate``."""
+    fully trainable), FSDP2-sharded under torchrun unless ``train.parallel=replicate`` (or LoRA)."""
     module = load_token_value_model(cfg, tokenizer, device)
     if cfg.lora_r > 0:
         module = apply_lora(module, cfg)
     model = ValueModel(module)
-    if parallel.use_fsdp(parallel_mode):
-        if cfg.lora_r > 0 and parallel_mode == "fsdp":
-            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
-        if cfg.lora_r == 0:  # auto with LoRA: replicas (the adapters are small)
-            parallel.shard(model, model.hf_model)
-    return model
+    return parallel.distribute(model, model.hf_model, parallel_mode, cfg.lora_r > 0)
 
 
 def value_checkpoint_files(model: ValueModel, tokenizer, lora: bool):

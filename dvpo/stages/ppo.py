@@ -199,8 +199,7 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
                              gradient_checkpointing=cfg.model.gradient_checkpointing)
     critic = ValueModel(load_token_value_model(critic_cfg, s.tokenizer, s.device))
     critic.kind = "critic"
-    if parallel.use_fsdp(parallel_mode):  # policy and critic each their own FSDP2 root
-        parallel.shard(critic, critic.hf_model)
+    parallel.distribute(critic, critic.hf_model, parallel_mode, False)  # its own FSDP2 root
     critic_train = dataclasses.replace(t, lr=cfg.critic.lr)
     critic_optimizer = build_optimizer(critic, critic_train)
     critic_scheduler = build_scheduler(critic_optimizer, critic_train,

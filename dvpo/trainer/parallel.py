@@ -50,6 +50,18 @@ def use_fsdp(mode: str) -> bool:
     return distributed.is_distributed() and mode in ("auto", "fsdp")
 
 
+def distribute(wrapper: nn.Module, hf_model: nn.Module, mode: str, lora: bool, *forward_args) -> nn.Module:
+    """A trained model under torchrun: FSDP2-sharded (``fsdp``, ``auto``), or a replica (``replicate``, and
+    LoRA models under ``auto``) whose gradients :func:`distributed.average_gradients` all-reduces."""
+    if not use_fsdp(mode):
+        return wrapper
+    if lora:
+        if mode == "fsdp":
+            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
+        return wrapper
+    return shard(wrapper, hf_model, *forward_args)
+
+
 def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
     """``fully_shard`` each decoder layer of ``hf_model``, then ``wrapper`` as the root.
 
@@ -105,16 +117,27 @@ def gathered_root(model: nn.Module, layers: bool = False):
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU, on rank 0 (empty elsewhere); a collective: every rank calls it."""
+    _reshard(model)
     return get_model_state_dict(model, options=_FULL)
 
 
 def sharded_state(model: nn.Module, optimizer) -> dict:
     """Model and optimizer state as each rank holds it (its shards of sharded tensors, keyed by parameter
     name): what ``torch.distributed.checkpoint`` saves, and loads back resharded for any rank count."""
+    _reshard(model)
     model_state, optim_state = get_state_dict(model, optimizers_of(optimizer))
     return {"model": model_state, "optimizer": optim_state}
 
 
+def _reshard(model: nn.Module) -> None:
+    """Put every unit's sharded parameters (the optimizer's) back on the modules: replicas, and roots after
+    a no-grad forward, keep the gathered ones registered until their next backward."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def load_sharded_state(model: nn.Module, optimizer, state: dict) -> None:
+    _reshard(model)
     set_state_dict(model, optimizers_of(optimizer), model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
