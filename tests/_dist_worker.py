@@ -34,12 +34,12 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
         return captured["policy"]
 
     rl_setup.trainable_policy = capture
-    overrides = {"train.output_dir": out, "train.parallel": mode.split("+")[0],
+    overrides = {"train.output_dir": out, "train.parallel": mode.split("+")[0],  # +frozen, +lora
                  "train.shard_frozen": str(mode.endswith("+frozen")), "train.progress_bar": "false",
                  "train.device": "cpu", "model.path": sft, "gvm.path": gvm, "data.prompts": hh, "data.limit": "40",
                  "data.max_prompt_length": "24", "data.eval_size": "3", "data.eval_fraction": "0.075", "rollout.max_new_tokens": "6",
                  "train.batch_size": "4", "actor.mini_batch_size": "2", "train.max_steps": "2",
-                 "train.save_every": "2", "train.lr": "1e-3"}
+                 "train.save_every": "2", "train.lr": "1e-3", "model.lora_r": "4" if mode.endswith("+lora") else "0"}
     cfg = load_config(dvpo_stage.DVPOStageConfig, None, list(overrides.items()))
     dvpo_stage.run(cfg)
     policy = captured["policy"]

@@ -91,3 +91,35 @@ def test_gvm_rm_and_ppo_shard_with_fsdp2(sft_model, tmp_path):
     assert any("critic/vf_loss" in r for r in rows)
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "final")
     AutoModelForTokenClassification.from_pretrained(tmp_path / "ppo" / "final" / "critic")
+
+
+def test_merged_lora_state_dict_equals_merge_and_unload():
+    """What a sharded LoRA run exports: the gathered state with W + (alpha / r) B A, under the base keys."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dvpo.models import ModelConfig, apply_lora
+    from dvpo.models.lora_merge import merged_state_dict
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, tie_word_embeddings=False)
+    peft_model = apply_lora(AutoModelForCausalLM.from_config(config), ModelConfig(lora_r=4, lora_alpha=8.0),
+                            trainable_heads=())
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # zeros at init would merge to nothing
+    merged = merged_state_dict(peft_model.state_dict(), peft_model)
+    expected = peft_model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_lora_policy_trains_sharded(sft_model, gvm_model, tmp_path):
+    lora = torchrun(tmp_path / "lora", "fsdp+lora", sft_model, gvm_model)
+    assert lora == {"max_rank_difference": 0.0, "world_size": 2, "whiten_error_below_1e-5": True, "parallel": "fsdp"}
+    merged = load_file(str(tmp_path / "lora" / "final" / "model.safetensors"))
+    start = load_file(str(sft_model / "model.safetensors"))
+    assert merged.keys() == start.keys()  # adapters merged into the base weights
+    assert any(not torch.equal(merged[k], start[k]) for k in merged)

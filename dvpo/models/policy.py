@@ -20,6 +20,7 @@ import dvpo_kernels as dk
 
 from .build import DTYPES, attn_implementation, config_from_fields, train_top_layers
 from .config import ModelConfig
+from .lora_merge import merged_state_dict
 from .wrapper import HFWrapper
 
 HeadFn = Callable[[Tensor, Tensor, Tensor | None], object]
@@ -85,8 +86,9 @@ class PolicyModel(HFWrapper):
         """``save_pretrained`` (safetensors) plus the tokenizer; LoRA adapters are merged first.
         ``state_dict``: this wrapper's gathered full state when it is FSDP2-sharded."""
         if state_dict is not None:
-            prefix = "module."
-            self.hf_model.save_pretrained(folder, state_dict={k.removeprefix(prefix): v for k, v in state_dict.items()})
+            state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+            self.hf_model.save_pretrained(folder, state_dict=merged_state_dict(state, self.module)
+                                          if self.has_adapter else state)
         else:
             if hasattr(self.module, "merge_and_unload"):
                 self.module = self.module.merge_and_unload()

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 import dvpo_kernels as dk
 
+from .lora_merge import merged_state_dict
 from .wrapper import HFWrapper
 
 KIND_KEY = "dvpo_value_model"
@@ -58,8 +59,9 @@ class ValueModel(HFWrapper):
         (the wrapped module becomes the merged model). ``state_dict``: the gathered full state of an
         FSDP2-sharded model (keys of the wrapper or of the wrapped module)."""
         if state_dict is not None:
-            self.hf_model.save_pretrained(folder, state_dict={k.removeprefix("module."): v
-                                                              for k, v in state_dict.items()})
+            state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+            lora = hasattr(self.module, "peft_config")
+            self.hf_model.save_pretrained(folder, state_dict=merged_state_dict(state, self.module) if lora else state)
         else:
             if hasattr(self.module, "merge_and_unload"):
                 self.module = self.module.merge_and_unload()

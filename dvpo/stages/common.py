@@ -56,8 +56,6 @@ def trainable_policy(cfg: ModelConfig, tokenizer, device: torch.device, parallel
         module = apply_lora(module, cfg, trainable_heads=())
     policy = PolicyModel(module)
     if parallel.use_fsdp(parallel_mode):
-        if cfg.lora_r > 0:
-            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
         parallel.shard(policy, policy.hf_model, _no_head)
     return policy
 

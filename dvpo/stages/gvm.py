@@ -187,12 +187,12 @@ def prepare_data(d: PairDataConfig, model: ModelConfig, train: TrainConfig,
 def trainable_value_model(cfg: ModelConfig, tokenizer, device: torch.device,
                           parallel_mode: str = "replicate") -> ValueModel:
     """A value model to train: backbone + scalar head, LoRA on the backbone when asked (the head stays
-    fully trainable), FSDP2-sharded under torchrun unless ``train.parallel=replicate`` (or LoRA)."""
+    fully trainable), FSDP2-sharded under torchrun unless ``train.parallel=replicate``."""
     module = load_token_value_model(cfg, tokenizer, device)
     if cfg.lora_r > 0:
         module = apply_lora(module, cfg)
     model = ValueModel(module)
-    return parallel.distribute(model, model.hf_model, parallel_mode, cfg.lora_r > 0)
+    return parallel.distribute(model, model.hf_model, parallel_mode)
 
 
 def value_checkpoint_files(model: ValueModel, tokenizer, lora: bool):

@@ -189,17 +189,15 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     """Train and export the policy (``final/``) and the critic (``final/critic``); ``reward_fn(prompt_ids,
     response_ids) -> rewards`` (e.g. an oracle) is added to the evaluation when given."""
     t = cfg.train
-    # auto with a LoRA policy: replicas (the adapters are small); else policy and critic each FSDP2-sharded
-    parallel_mode = "replicate" if t.parallel == "auto" and cfg.model.lora_r > 0 else t.parallel
-    s = setup_rl(cfg, parallel_mode, actor_steps_skipped=cfg.critic.warmup_steps)
+    s = setup_rl(cfg, t.parallel, actor_steps_skipped=cfg.critic.warmup_steps)
     check_same_vocabulary(s.tokenizer, load_tokenizer(cfg.reward.path), f"the reward model at {cfg.reward.path}")
-    reward_model = shard_frozen(frozen_value_model(cfg.reward.path, s.tokenizer, s.device, s.bf16), parallel_mode,
+    reward_model = shard_frozen(frozen_value_model(cfg.reward.path, s.tokenizer, s.device, s.bf16), t.parallel,
                                 t.shard_frozen)
     critic_cfg = ModelConfig(path=cfg.critic.init or cfg.reward.path,
                              gradient_checkpointing=cfg.model.gradient_checkpointing)
     critic = ValueModel(load_token_value_model(critic_cfg, s.tokenizer, s.device))
     critic.kind = "critic"
-    parallel.distribute(critic, critic.hf_model, parallel_mode, False)  # its own FSDP2 root
+    parallel.distribute(critic, critic.hf_model, t.parallel)  # its own FSDP2 root
     critic_train = dataclasses.replace(t, lr=cfg.critic.lr)
     critic_optimizer = build_optimizer(critic, critic_train)
     critic_scheduler = build_scheduler(critic_optimizer, critic_train,

@@ -50,16 +50,11 @@ def use_fsdp(mode: str) -> bool:
     return distributed.is_distributed() and mode in ("auto", "fsdp")
 
 
-def distribute(wrapper: nn.Module, hf_model: nn.Module, mode: str, lora: bool, *forward_args) -> nn.Module:
-    """A trained model under torchrun: FSDP2-sharded (``fsdp``, ``auto``), or a replica (``replicate``, and
-    LoRA models under ``auto``) whose gradients :func:`distributed.average_gradients` all-reduces."""
-    if not use_fsdp(mode):
-        return wrapper
-    if lora:
-        if mode == "fsdp":
-            raise ValueError("train.parallel=fsdp with model.lora_r > 0 is not supported; use train.parallel=replicate")
-        return wrapper
-    return shard(wrapper, hf_model, *forward_args)
+def distribute(wrapper: nn.Module, hf_model: nn.Module, mode: str, *forward_args) -> nn.Module:
+    """A trained model under torchrun: FSDP2-sharded (``fsdp``, ``auto``; LoRA models too, their frozen
+    base weights sharded like the rest), or a replica (``replicate``) whose gradients
+    :func:`distributed.average_gradients` all-reduces."""
+    return shard(wrapper, hf_model, *forward_args) if use_fsdp(mode) else wrapper
 
 
 def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
