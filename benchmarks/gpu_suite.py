@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -200,6 +201,11 @@ def run_command(cmd: Cmd, r: Run, log, timeout_s: float) -> int | None:
         return None
 
 
+def _children_cpu_s() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def run_step(step: Step, r: Run, deadline: float | None = None, cap_s: float | None = None) -> dict:
     """Run one step's commands in order into its log; stop at the first that fails."""
     cap = cap_s if cap_s is not None else (CPU_CAP_S if r.cpu else step.cap_s)
@@ -211,7 +217,7 @@ def run_step(step: Step, r: Run, deadline: float | None = None, cap_s: float | N
         return rec
     dry = r.cpu and step.dry_run is not None
     r.logs.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), _children_cpu_s()
     rc: int | None = 0
     with open(r.logs / rec["log"], "w") as log:
         if dry:
@@ -226,6 +232,7 @@ def run_step(step: Step, r: Run, deadline: float | None = None, cap_s: float | N
             if rc != 0:
                 break
     rec["seconds"] = round(time.monotonic() - start, 1)
+    rec["cpu_s"] = round(_children_cpu_s() - cpu_start, 1)  # on a shared machine, steadier than the wall clock
     if rc is None:
         rec["status"] = f"timed out after {cap:.0f} s"
     elif rc != 0:
@@ -285,17 +292,19 @@ def _policy_loss(data: dict) -> list[dict]:
     for res, (shape, gib) in zip(data["results"], (("Qwen", 1.22), ("Llama-3-8B", 2.31))):
         rows = {r["provider"]: r for r in res["rows"]}
         where = f"{shape}-like {res['label']} N={res['n']} H={res['h']} V={res['v']}"
-        ctx = "; ".join(f"{p} x{_fmt(rows[p]['x_floor'], '.2f')} {_fmt(rows[p]['extra_gib'], '.2f')} GiB"
-                        for p in ("eager", "compile", "liger") if p in rows and rows[p]["ms"] is not None)
-        floor = rows.get("floor", {}).get("ms")
-        ctx = f"floor {_fmt(floor, '.2f')} ms; {ctx}"
+        # the same run's anchors: every provider that is not ours (eager, compile, Liger, TRL, verl)
+        ctx = "; ".join(f"{p} x{_fmt(r['x_floor'], '.2f')}"
+                        + ("" if r["extra_gib"] is None else f" {r['extra_gib']:.2f} GiB")
+                        for p, r in rows.items() if p != "floor" and not p.startswith("dvpo") and r["ms"] is not None)
+        ctx = f"floor {_fmt(rows.get('floor', {}).get('ms'), '.2f')} ms; {ctx}"
         for mode, x_max, gib_max in (("speed", 1.15, gib), ("lean", 1.4, 0.4)):
             row = rows.get(f"dvpo-triton-{mode}", {})
             out.append(_target(f"fused_policy_loss {mode} x floor, {where}", row.get("x_floor"), "<=", x_max, ctx))
             out.append(_target(f"fused_policy_loss {mode} extra GiB, {where}", row.get("extra_gib"), "<=", gib_max))
         fwd = {r["provider"]: r for r in res.get("forward") or []}
         if fwd:
-            ctx = "; ".join(f"{p} x{_fmt(fwd[p]['x_gemm'], '.2f')}" for p in ("eager", "dvpo-torch") if p in fwd)
+            ctx = "; ".join(f"{p} x{_fmt(r['x_gemm'], '.2f')}" for p, r in fwd.items()
+                            if p not in ("gemm", "dvpo-triton") and r["ms"] is not None)
             out.append(_target(f"linear_logprobs no grad x one GEMM, {where}", fwd.get("dvpo-triton", {}).get("x_gemm"),
                                "<=", 1.15, f"GEMM {_fmt(fwd.get('gemm', {}).get('ms'), '.2f')} ms; {ctx}"))
     return out
@@ -429,11 +438,12 @@ def to_markdown(summary: dict) -> str:
     budget = "" if summary["cpu"] else f" of a {summary['budget_s']} s budget"
     lines = [f"# {title}", "", f"git {sha[:12]}{' (dirty)' if env.get('git_dirty') else ''}; {versions}.",
              f"Started {summary['started']}; {summary['wall_s']:.0f} s{budget}.", "",
-             "| step | status | s | cap s | what |", "|---|---|---:|---:|---|"]
+             "| step | status | s | CPU s | cap s | what |", "|---|---|---:|---:|---:|---|"]
     for s in summary["steps"]:
         extra = {k: v for k, v in s.items() if k in ("collected", "tests", "sanitizer_errors", "kernels")}
         note = f" {json.dumps(extra)}" if extra else ""
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['cap_s']} | {s['about']}{note} |")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s.get('cpu_s', 0):.0f} | {s['cap_s']} | "
+                     f"{s['about']}{note} |")
     if summary["targets"]:
         lines += ["", "## Issue 17's targets", "", "| what | measured | target | met | context |",
                   "|---|---:|---|---|---|"]

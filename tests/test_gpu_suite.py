@@ -151,7 +151,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_step_past_its_cap_is_stopped_with_its_children(tmp_path):
     pidfile = tmp_path / "child.pid"
-    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             f"open({str(pidfile)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)")
     step = gs.Step("sleeper", 1, "sleeps past its cap", lambda r: [gs.Cmd([sys.executable, "-c", code])])
     run = gs.Run(cpu=True, work=tmp_path / "work", wheels=[])
