@@ -194,3 +194,12 @@ def test_flash_attn_model_decodes_with_sdpa():
     got = RolloutEngine(model, "eager").generate([[5, 6, 7], [8, 9]], **kw)  # raises without the switch
     assert model.config._attn_implementation == "flash_attention_2"
     assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_train_packing_option_sets_the_mode(tmp_path):
+    from dvpo.trainer import TrainConfig, start_run
+
+    cfg = TrainConfig(output_dir=str(tmp_path), packing="off", device="cpu")
+    with mode("auto"):
+        start_run(cfg, cfg)
+        assert packing.packing_mode() == "off"
