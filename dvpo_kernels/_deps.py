@@ -20,7 +20,7 @@ from packaging.version import Version
 NEWEST_TESTED = {
     "torch": "2.13.0",
     "triton": "3.9.0",
-    "transformers": "5.24.0",
+    "transformers": "5.25.0",
     "tokenizers": "0.23.3",
     "safetensors": "0.8.0",
     "numpy": "2.4.6",
