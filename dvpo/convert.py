@@ -72,6 +72,21 @@ def gguf_architecture(path: Path) -> str:
     return arch
 
 
+def gguf_special_tokens(path: Path) -> dict[str, str]:
+    """The bos / eos / pad tokens a GGUF file declares (ids into its token list). The converted tokenizer
+    takes them from here: transformers 4.x maps them wrongly for byte-level BPE GGUF tokenizers."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return {}
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    keys = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+            "pad_token": "tokenizer.ggml.padding_token_id"}
+    return {name: tokens[int(fields[key].contents())] for name, key in keys.items()
+            if key in fields and 0 <= int(fields[key].contents()) < len(tokens)}
+
+
 @torch.no_grad()
 def sample_logprobs(model, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 log-probs of each token after the first under ``model``."""
@@ -102,6 +117,9 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype: str 
 
     log.info("loading %s (%s) and dequantising", path, arch)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for name, token in gguf_special_tokens(path).items():
+        if getattr(tokenizer, name) != token:
+            setattr(tokenizer, name, token)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -28,6 +28,10 @@ class PhaseDtypes(TorchDispatchMode):
         if self.phases and (name.startswith("dvpo::") or name.split("::")[-1] in GEMMS):
             key = name if name.startswith("dvpo::") else "gemm"
             operands = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            if key == "gemm" and len(operands) == 2 and operands[0].shape[-1] == 1:
+                # an outer product: RoPE's angle table (positions x inverse frequencies), kept in fp32 by
+                # design; transformers 4.x writes it as a bmm
+                return func(*args, **(kwargs or {}))
             self.seen.setdefault(self.phases[-1], {}).setdefault(key, set()).update(a.dtype for a in operands)
         return func(*args, **(kwargs or {}))
 

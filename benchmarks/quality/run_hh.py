@@ -46,6 +46,7 @@ from dvpo.config import load_config  # noqa: E402
 from dvpo.data.jsonl import iter_jsonl  # noqa: E402
 from dvpo.plot import line_chart  # noqa: E402
 from dvpo.stages import STAGES  # noqa: E402
+from dvpo.stages.demo import seconds_per_step  # noqa: E402
 
 log = logging.getLogger("run_hh")
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -53,12 +54,16 @@ METHODS = ("dvpo", "ppo", "dpo", "vpo")
 SCALES = {
     # pairs: gold / proxy / held-out; steps: gold RM / GVM = proxy RM / each policy method
     "tiny": {"pairs": (48, 32, 8), "value_steps": (6, 3), "policy_steps": 1, "batch": 4, "max_length": 96,
-             "max_prompt_length": 64, "max_new_tokens": 8, "eval_prompts": 4, "samples": 1, "trainable_layers": 0},
-    "cpu": {"pairs": (64, 32, 16), "value_steps": (4, 2), "policy_steps": 2, "batch": 4, "max_length": 128,
-            "max_prompt_length": 96, "max_new_tokens": 16, "eval_prompts": 6, "samples": 2, "trainable_layers": 2},
+             "max_prompt_length": 64, "max_new_tokens": 8, "eval_prompts": 4, "samples": 1, "trainable_layers": 0,
+             "value_lr": 1e-3, "policy_lr": 1e-4},
+    # One pass over the gold and proxy parts at batch 8; the top 2 of 30 layers train, so a step costs
+    # about a forward of the whole model on 2 cores; fits 60 minutes there.
+    "cpu": {"pairs": (256, 128, 64), "value_steps": (32, 16), "policy_steps": 8, "batch": 8, "max_length": 128,
+            "max_prompt_length": 96, "max_new_tokens": 24, "eval_prompts": 16, "samples": 2, "trainable_layers": 2,
+            "value_lr": 3e-4, "policy_lr": 3e-5},
     "gpu": {"pairs": (1000, 1000, 312), "value_steps": (500, 250), "policy_steps": 200, "batch": 32,
             "max_length": 512, "max_prompt_length": 384, "max_new_tokens": 128, "eval_prompts": 312, "samples": 3,
-            "trainable_layers": 0},
+            "trainable_layers": 0, "value_lr": 1e-5, "policy_lr": 1e-6},
 }
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
           "+ '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -176,7 +181,7 @@ def value_models(stage: StageRunner, s: dict, files: dict, base: Path, seed: int
 
     def train(name, steps):
         return {**common, "output_dir": str(stage.root / "runs" / name), "seed": seed, "max_steps": steps,
-                "batch_size": b, "lr": 1e-4 if s["trainable_layers"] else 1e-3, "warmup_steps": 1,
+                "batch_size": b, "lr": s["value_lr"], "warmup_steps": 1,
                 "eval_every": steps, "save_every": 0}
 
     runs = {"gold_rm": stage(f"gold_rm_s{seed}", "rm", {"model": model, "data": {**data, "pairs": [str(files["gold"])]},
@@ -201,7 +206,7 @@ def policies(stage: StageRunner, s: dict, files: dict, base: Path, gvm: Path, pr
     steps, b = s["policy_steps"], s["batch"]
     save = max(1, steps // 2)
     model = {"path": str(base), "trainable_layers": s["trainable_layers"]}
-    lr = 1e-5 if s["trainable_layers"] else 1e-4
+    lr = s["policy_lr"]
     train = {**common, "max_steps": steps, "batch_size": b, "lr": lr, "warmup_steps": 0, "save_every": save,
              "eval_every": 0, "save_total_limit": 0}
     rl = {"data": {"prompts": [str(files["proxy"])], "max_prompt_length": s["max_prompt_length"],
@@ -262,7 +267,8 @@ def to_markdown(report: dict) -> str:
     lines += ["", f"Policies (seed {report['seeds'][0]}, {s['policy_steps']} steps of {s['batch']}, the Instruct model "
                   f"as reference; {s['eval_prompts']} held-out prompts, one sample each, {s['max_new_tokens']} new "
                   f"tokens at most). Gold-RM score at equal KL {eq['kl']:.3f} (each checkpoint curve interpolated) and "
-                  "at the final checkpoint:", "",
+                  "at the final checkpoint; s / step is the trainer's step time (loading excluded), peak RSS the "
+                  "stage process's:", "",
               "| method | gold at equal KL | final gold | final KL | length | s / step | peak RSS MB |",
               "|---|---:|---:|---:|---:|---:|---:|",
               f"| reference | {report['reference']['gold']:.3f} | {report['reference']['gold']:.3f} | 0 | "
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             folder = run / "final" if step == s["policy_steps"] else hf_checkpoint(run, step_dir, base)
             curve.append({"step": step, **score(stage, s, files, base, gold, f"{name}_{step}", folder, common)})
         rec = stage.records[name]
-        methods[name] = {"curve": curve, "seconds_per_step": rec["seconds"] / s["policy_steps"],
+        methods[name] = {"curve": curve, "seconds_per_step": seconds_per_step(run), "stage_seconds": rec["seconds"],
                          "peak_rss_mb": rec["peak_rss_mb"]}
     common_kl = min(max(p["kl"] for p in m["curve"]) for m in methods.values())
     report = {

@@ -172,11 +172,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def seconds_per_step(run: Path) -> float:
-    """Mean ``timing_s/step`` when the stage logs it, else the spacing of the metric lines."""
+    """Mean ``timing_s/step`` when the stage logs it, else the spacing of the metric lines (one line: its
+    time since the logger started over its step)."""
     rows = [r for r in _metrics(run) if "train/lr" in r]
     timed = [r["timing_s/step"] for r in rows if "timing_s/step" in r]
     if timed:
         return sum(timed) / len(timed)
+    if len(rows) == 1:
+        return rows[0]["time"] / max(1, rows[0]["step"])
     return (rows[-1]["time"] - rows[0]["time"]) / max(1, len(rows) - 1)
 
 
