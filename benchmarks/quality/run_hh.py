@@ -56,11 +56,9 @@ SCALES = {
     "tiny": {"pairs": (48, 32, 8), "value_steps": (6, 3), "policy_steps": 1, "batch": 4, "max_length": 96,
              "max_prompt_length": 64, "max_new_tokens": 8, "eval_prompts": 4, "samples": 1, "trainable_layers": 0,
              "value_lr": 1e-3, "policy_lr": 1e-4},
-    # One pass over the gold and proxy parts at batch 8; the top 2 of 30 layers train, so a step costs
-    # about a forward of the whole model on 2 cores; fits 60 minutes there.
-    "cpu": {"pairs": (256, 128, 64), "value_steps": (32, 16), "policy_steps": 8, "batch": 8, "max_length": 128,
-            "max_prompt_length": 96, "max_new_tokens": 24, "eval_prompts": 16, "samples": 2, "trainable_layers": 2,
-            "value_lr": 3e-4, "policy_lr": 3e-5},
+    "cpu": {"pairs": (64, 32, 16), "value_steps": (4, 2), "policy_steps": 2, "batch": 4, "max_length": 128,
+            "max_prompt_length": 96, "max_new_tokens": 16, "eval_prompts": 6, "samples": 2, "trainable_layers": 2,
+            "value_lr": 1e-4, "policy_lr": 1e-5},
     "gpu": {"pairs": (1000, 1000, 312), "value_steps": (500, 250), "policy_steps": 200, "batch": 32,
             "max_length": 512, "max_prompt_length": 384, "max_new_tokens": 128, "eval_prompts": 312, "samples": 3,
             "trainable_layers": 0, "value_lr": 1e-5, "policy_lr": 1e-6},
