@@ -44,7 +44,6 @@ SCALES = {
 }
 HH_VALUE = {"model.path": "null", "model.vocab_size": "512", "model.hidden_size": "64", "model.num_layers": "2",
             "model.num_heads": "4", "data.eval_fraction": "0.1", "data.max_length": "192", "train.epochs": "2",
-            "gvm.epochs_per_batch": "1",
             "train.batch_size": "32", "train.lr": "1e-3", "train.warmup_ratio": "0.05", "train.progress_bar": "false"}
 
 
@@ -141,7 +140,8 @@ def main() -> None:
         hh = json.loads((args.out / "quality_cpu.json").read_text()).get("hh")
     elif not args.skip_hh and HH.is_file():
         common = {**HH_VALUE, "data.pairs": f"[{HH}]", "train.device": args.device, "train.seed": "0"}
-        gvm = run("gvm", {**common, "train.output_dir": str(args.work / "hh_gvm")})
+        # one pass per GVM batch: the GVM and the reward model make the same updates
+        gvm = run("gvm", {**common, "gvm.epochs_per_batch": "1", "train.output_dir": str(args.work / "hh_gvm")})
         rm = run("rm", {**common, "train.output_dir": str(args.work / "hh_rm")})
         stats = json.loads((args.work / "hh_gvm" / "data_stats.json").read_text())
         hh = {"gvm_pair_acc_last": gvm["eval/pair_acc_last"], "gvm_pair_acc_mean": gvm["eval/pair_acc_mean"],
