@@ -83,8 +83,8 @@ def gguf_special_tokens(path: Path) -> dict[str, str]:
     tokens = fields["tokenizer.ggml.tokens"].contents()
     keys = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
             "pad_token": "tokenizer.ggml.padding_token_id"}
-    return {name: tokens[int(fields[key].contents())] for name, key in keys.items()
-            if key in fields and 0 <= int(fields[key].contents()) < len(tokens)}
+    ids = {name: int(fields[key].contents()) for name, key in keys.items() if key in fields}
+    return {name: tokens[i] for name, i in ids.items() if 0 <= i < len(tokens)}
 
 
 @torch.no_grad()
@@ -118,8 +118,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, *, dtype: str 
     log.info("loading %s (%s) and dequantising", path, arch)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for name, token in gguf_special_tokens(path).items():
-        if getattr(tokenizer, name) != token:
-            setattr(tokenizer, name, token)
+        setattr(tokenizer, name, token)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
