@@ -1,5 +1,6 @@
-"""Sharded checkpoints (torch.distributed.checkpoint): written by 2 FSDP2 ranks, resumed on 1 and on 2 with
-the same next-step metrics as the run that was never interrupted."""
+"""Sharded checkpoints (torch.distributed.checkpoint): written by 2 FSDP2 ranks in the background
+(``train.async_save``), resumed on 1 and on 2 with the same next-step metrics as the run that was never
+interrupted."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def _step(run: Path, step: int) -> dict:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_sharded_checkpoint_resumes_on_one_and_two_ranks(sft_model, tmp_path):
     whole = tmp_path / "whole"
-    assert torchrun_stage(whole, "sft", "sft_tiny", **_sft(sft_model)) == {"world_size": 2, "parallel": "fsdp"}
+    assert torchrun_stage(whole, "sft", "sft_tiny", **_sft(sft_model, **{"train.async_save": "true"})) == \
+        {"world_size": 2, "parallel": "fsdp"}
+    assert not [p for p in whole.iterdir() if p.name.startswith(".tmp")]
     shards = whole / "global_step_2" / "shards"
     assert sorted(p.name for p in shards.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
     assert not (whole / "global_step_2" / "model.safetensors").exists()

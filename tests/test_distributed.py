@@ -91,6 +91,16 @@ def test_gvm_rm_and_ppo_shard_with_fsdp2(sft_model, tmp_path):
     assert any("critic/vf_loss" in r for r in rows)
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "final")
     AutoModelForTokenClassification.from_pretrained(tmp_path / "ppo" / "final" / "critic")
+    # replicas (policy and critic each averaging gradients in buckets, accumulated over micro-batches) train
+    # the same two models as the shards
+    replicas = {**ppo, "train.parallel": "replicate", "train.shard_frozen": "false", "train.micro_batch_size": "1"}
+    assert torchrun_stage(tmp_path / "ppo_replicas", "ppo", "ppo_tiny", **replicas)["parallel"] == "replicate"
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a = load_file(str(tmp_path / "ppo" / "final" / part))
+        b = load_file(str(tmp_path / "ppo_replicas" / "final" / part))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_merged_lora_state_dict_equals_merge_and_unload():

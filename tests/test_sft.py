@@ -38,9 +38,11 @@ def test_sft_learns_and_exports_a_causal_lm(sft_model):
 
 
 @needs_hh
-def test_sft_resume_continues_with_identical_metrics(tmp_path):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_sft_resume_continues_with_identical_metrics(tmp_path, async_save):
     kw = {**TINY, "data.train": str(HH), "data.limit": "64", "train.batch_size": "8", "train.lr": "3e-3",
-          "train.save_every": "2", "train.save_total_limit": "0", "data.eval_fraction": "0", "train.max_steps": "4"}
+          "train.save_every": "2", "train.save_total_limit": "0", "data.eval_fraction": "0", "train.max_steps": "4",
+          "train.async_save": async_save}
     run_stage("sft", "sft_tiny", tmp_path, **kw)
     full = [r["train/loss"] for r in metrics(tmp_path)]
     kill_after(tmp_path, 2)

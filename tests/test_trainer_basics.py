@@ -102,3 +102,54 @@ def test_checkpoints_roundtrip_rotate_and_resolve(tmp_path):
     torch.testing.assert_close(fresh.weight, model.weight)
     assert sched2.last_epoch == 3 and opt2.state_dict()["state"][0]["step"] == 3
     torch.testing.assert_close(torch.rand(3), expected_next)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in most causal LMs
+
+
+def test_async_checkpoint_holds_the_state_at_save_time(tmp_path):
+    torch.manual_seed(0)
+    model, cfg = _Tied(), TrainConfig(lr=0.1)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    model.head(model.embed(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    ckpt.save(1, model=model, optimizer=opt, scheduler=sched, state={"batches": {}})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
+    with torch.no_grad():  # training goes on while the checkpoint is written
+        model.embed.weight.add_(1.0)
+        opt.state_dict()["state"][0]["exp_avg"].add_(1.0)
+    ckpt.wait()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    fresh = _Tied()
+    opt2 = build_optimizer(fresh, cfg)
+    Checkpointer.load(tmp_path / "global_step_1", model=fresh, optimizer=opt2, scheduler=build_scheduler(opt2, cfg, 10))
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], saved_avg)
+
+
+def test_async_checkpoint_failure_is_raised_and_leaves_no_folder(tmp_path, monkeypatch):
+    import dvpo.trainer.checkpoint as checkpoint
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    model, cfg = nn.Linear(2, 2), TrainConfig()
+    opt = build_optimizer(model, cfg)
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    ckpt.save(1, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg, 1), state={})
+    with pytest.raises(RuntimeError, match="background") as info:
+        ckpt.wait()
+    assert "disk full" in str(info.value.__cause__)
+    assert list(tmp_path.iterdir()) == []
+    ckpt.wait()  # reported once

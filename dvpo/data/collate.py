@@ -44,6 +44,10 @@ class ValueBatch:
     def rows(self, examples: list[int]) -> list[int]:
         return [r for e in examples for r in self.example_rows[e]]
 
+    def example_tokens(self) -> list[int]:
+        """Valid tokens of each example (its rows together)."""
+        return [sum(self.lengths[r] for r in rows) for rows in self.example_rows]
+
     def to(self, device) -> ValueBatch:
         return ValueBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device),
                           self.rewards.to(device), self.pairs.to(device), self.example_rows, self.lengths)

@@ -17,9 +17,9 @@ import torch
 import dvpo_kernels as dk
 
 from ..models import PolicyModel
-from ..trainer import apply_update, autocast, distributed, step_generator
+from ..trainer import apply_update, autocast, distributed, grad_sync, micro_batches, micro_steps, step_generator
 from .config import ActorConfig
-from .experience import Experience, micro_batches, state_slice
+from .experience import Experience, state_slice
 from .unfused import logits_logprobs
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,17 @@ class ActorUpdater:
     """Runs the update of one rollout batch; counts skipped (non-finite) updates across steps."""
 
     def __init__(self, policy: PolicyModel, optimizer, scheduler, params, cfg: ActorConfig, *, global_batch: int,
-                 micro: int, max_grad_norm: float, seed: int, device: torch.device, bf16: bool):
+                 micro: int, max_grad_norm: float, seed: int, device: torch.device, bf16: bool,
+                 max_tokens: int = 0):
         self.policy, self.optimizer, self.scheduler, self.params = policy, optimizer, scheduler, params
-        self.cfg, self.micro, self.max_grad_norm = cfg, micro, max_grad_norm
+        self.cfg, self.micro, self.max_tokens, self.max_grad_norm = cfg, micro, max_tokens, max_grad_norm
         self.seed, self.device, self.bf16 = seed, device, bf16
         self.mini = mini_batch_rows(cfg, global_batch)
         self.skipped = 0
+
+    def micro_batches(self, exp: Experience) -> list[list[int]]:
+        """The micro-batches of one mini-batch: ``micro`` rows each, or by token budget (prompt + response)."""
+        return micro_batches(exp.batch_size, self.micro, tokens=exp.attention_mask.sum(1), max_tokens=self.max_tokens)
 
     def __call__(self, exp: Experience, step: int, terms: LossTerms) -> dict:
         cfg, n = self.cfg, exp.batch_size
@@ -95,7 +100,7 @@ class ActorUpdater:
                 mini = exp.select(group)
                 normalizer = distributed.token_normalizer(mini.mask.sum())
                 loss_sum = torch.zeros((), device=self.device)
-                for rows in micro_batches(len(group), self.micro):
+                for rows in micro_steps(self.micro_batches(mini)):
                     part = mini.select(rows)
                     with autocast(self.device, self.bf16):
                         loss, metrics = policy_loss_on(self.policy, part, cfg, terms, normalizer)
@@ -123,6 +128,7 @@ class ActorUpdater:
         finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         if bool(distributed.all_reduce_(finite.float(), "mean") == 1.0):
             return apply_update(self.params, self.optimizer, self.scheduler, self.max_grad_norm)
+        grad_sync.average_gradients(self.params)  # every rank skips: complete the all-reduces in flight
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)

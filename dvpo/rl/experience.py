@@ -17,7 +17,7 @@ import dvpo_kernels as dk
 from ..data import Encoder, PromptRecord, truncate
 from ..models import PolicyModel, ValueModel, masked_logprobs
 from ..rollout import Rollout
-from ..trainer import parallel
+from ..trainer import micro_batches, parallel
 from .unfused import logits_logprobs
 
 
@@ -82,11 +82,6 @@ def state_slice(hidden: Tensor, exp: Experience) -> Tensor:
     """``[B, R, H]``: the hidden state of each response token's state (the position before it)."""
     p, r = exp.prompt_len, exp.mask.shape[1]
     return hidden[:, p - 1:p - 1 + r]
-
-
-def micro_batches(n: int, size: int) -> list[list[int]]:
-    size = size or n
-    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
 @torch.no_grad()

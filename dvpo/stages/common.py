@@ -55,9 +55,7 @@ def trainable_policy(cfg: ModelConfig, tokenizer, device: torch.device, parallel
     if cfg.lora_r > 0:
         module = apply_lora(module, cfg, trainable_heads=())
     policy = PolicyModel(module)
-    if parallel.use_fsdp(parallel_mode):
-        parallel.shard(policy, policy.hf_model, _no_head)
-    return policy
+    return parallel.distribute(policy, policy.hf_model, parallel_mode, _no_head)
 
 
 def _no_head(hidden, weight, bias) -> None:

@@ -43,6 +43,8 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    micro_batches,
+    micro_steps,
     resolve_resume,
     start_run,
     trainable_parameters,
@@ -188,10 +190,11 @@ class PreferenceStep:
 
     def __init__(self, policy: PolicyModel, optimizer, scheduler, examples: list[PreferenceExample],
                  objective: DPOObjectiveConfig, *, pad_token_id: int, micro: int, max_grad_norm: float,
+                 max_tokens: int = 0,
                  device: torch.device, bf16: bool, value_term: ValueTerm | None = None,
                  extra_metrics: Callable[[], dict] | None = None):
         self.policy, self.optimizer, self.scheduler, self.examples = policy, optimizer, scheduler, examples
-        self.objective, self.pad_token_id, self.micro = objective, pad_token_id, micro
+        self.objective, self.pad_token_id, self.micro, self.max_tokens = objective, pad_token_id, micro, max_tokens
         self.max_grad_norm = max_grad_norm
         self.device, self.bf16, self.value_term, self.extra_metrics = device, bf16, value_term, extra_metrics
         self.params = trainable_parameters(policy)
@@ -241,8 +244,9 @@ class PreferenceStep:
         n = len(indices)
         with_value_term = self.value_term is not None
         sums: dict[str, Tensor] = {}
-        for start in range(0, n, self.micro):
-            terms = self.forward([self.examples[i] for i in indices[start:start + self.micro]], with_value_term)
+        tokens = [len(self.examples[i].chosen) + len(self.examples[i].rejected) for i in indices]
+        for rows in micro_steps(micro_batches(n, self.micro, tokens=tokens, max_tokens=self.max_tokens)):
+            terms = self.forward([self.examples[indices[r]] for r in rows], with_value_term)
             (terms["loss"].sum() / n).backward()
             for name, value in pair_metrics(terms).items():
                 sums[train_name(name)] = sums.get(train_name(name), 0.0) + value.detach().sum() / n
@@ -329,8 +333,8 @@ def train_policy(cfg: DPOStageConfig, run: PreferenceRun, batches, total_steps: 
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     step = PreferenceStep(policy, optimizer, scheduler, run.train, cfg.dpo, pad_token_id=tokenizer.pad_token_id,
-                          micro=run.micro, max_grad_norm=t.max_grad_norm, device=run.device, bf16=run.bf16,
-                          value_term=value_term, extra_metrics=extra_metrics)
+                          micro=run.micro, max_tokens=t.micro_batch_tokens, max_grad_norm=t.max_grad_norm,
+                          device=run.device, bf16=run.bf16, value_term=value_term, extra_metrics=extra_metrics)
     trainer = Trainer(t, model=policy, optimizer=optimizer, scheduler=scheduler, batches=batches,
                       total_steps=total_steps, extra_state=extra_state)
     trainer.restore()

@@ -43,6 +43,8 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    micro_batches,
+    micro_steps,
     parallel,
     resolve_resume,
     start_run,
@@ -245,6 +247,7 @@ class GVMStep:
 
         generator = step_generator(t.seed, step)
         sums = {"loss": 0.0, "value_loss": 0.0, "pairwise_loss": 0.0, "grad_norm": 0.0}
+        example_tokens = batch.example_tokens()
         updates = 0
         for _ in range(g.epochs_per_batch):
             order = torch.randperm(n, generator=generator).tolist()
@@ -252,8 +255,10 @@ class GVMStep:
                 group = order[start:start + mini]
                 tokens = batch.mask[batch.rows(group)].sum().clamp(min=1)
                 pairs = max(1, sum(len(batch.example_rows[e]) == 2 for e in group))
-                for m in range(0, len(group), micro):
-                    part, part_targets = batch.select(group[m:m + micro], targets)
+                groups = micro_batches(len(group), micro, tokens=[example_tokens[e] for e in group],
+                                       max_tokens=t.micro_batch_tokens)
+                for rows in micro_steps(groups):
+                    part, part_targets = batch.select([group[r] for r in rows], targets)
                     values = self.values(part)
                     v_loss = value_loss(values, part_targets, part.mask, tokens)
                     loss = v_loss

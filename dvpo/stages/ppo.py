@@ -44,6 +44,7 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    micro_steps,
     parallel,
     step_generator,
     trainable_parameters,
@@ -165,7 +166,7 @@ class PPOStep(RolloutStep):
                     group = exp.select(order[start:start + mini])
                     normalizer = distributed.token_normalizer(group.mask.sum())
                     total = torch.zeros((), device=self.device)
-                    for rows in micro_batches(group.batch_size, self.actor.micro):
+                    for rows in micro_steps(self.actor.micro_batches(group)):
                         part = group.select(rows)
                         with self.autocast():
                             v = critic_values(self.critic, part).float()

@@ -107,7 +107,8 @@ def setup_rl(cfg, parallel_mode: str, actor_steps_skipped: int = 0) -> RLSetup:
     scheduler = build_scheduler(optimizer, t, actor_steps * updates_per_step(cfg.actor, t.batch_size))
     actor = ActorUpdater(policy, optimizer, scheduler, trainable_parameters(policy), cfg.actor,
                          global_batch=t.batch_size, micro=t.micro_batch_size or per_rank,
-                         max_grad_norm=t.max_grad_norm, seed=t.seed, device=device, bf16=bf16)
+                         max_grad_norm=t.max_grad_norm, seed=t.seed, device=device, bf16=bf16,
+                         max_tokens=t.micro_batch_tokens)
     micro = cfg.rollout.micro_batch_size or t.micro_batch_size or per_rank
     log.info("%d prompts (%d held out), %d steps of %d prompts, device %s%s", len(prompts), len(eval_prompts),
              total_steps, t.batch_size, device, ", bf16" if bf16 else "")

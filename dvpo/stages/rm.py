@@ -31,6 +31,8 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    micro_batches,
+    micro_steps,
     resolve_resume,
     start_run,
     trainable_parameters,
@@ -130,8 +132,9 @@ def run(cfg: RMStageConfig) -> dict[str, float]:
         batch = collate_values([data.train[i] for i in indices], pad).to(device)
         n = batch.num_examples
         sums = torch.zeros(3, device=device)  # loss, wins, margin (each already divided by n)
-        for m in range(0, n, micro):
-            (part,) = batch.select(list(range(m, min(n, m + micro))))
+        for rows in micro_steps(micro_batches(n, micro, tokens=batch.example_tokens(),
+                                              max_tokens=t.micro_batch_tokens)):
+            (part,) = batch.select(rows)
             with autocast(device, bf16):
                 scores = sequence_scores(model, part)
             loss = reward_loss(scores, part.pairs, n, cfg.rm.score_l2)

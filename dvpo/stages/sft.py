@@ -37,6 +37,8 @@ from ..trainer import (
     build_optimizer,
     build_scheduler,
     distributed,
+    micro_batches,
+    micro_steps,
     resolve_resume,
     start_run,
     trainable_parameters,
@@ -119,8 +121,9 @@ def run(cfg: SFTStageConfig) -> dict[str, float]:
         batch = collate_values([train[i] for i in indices], pad).to(device)
         normalizer = distributed.token_normalizer(batch.mask.sum())
         loss_sum = torch.zeros((), device=device)
-        for m in range(0, len(indices), micro):
-            (part,) = batch.select(list(range(m, min(len(indices), m + micro))))
+        groups = micro_batches(len(indices), micro, tokens=batch.example_tokens(), max_tokens=t.micro_batch_tokens)
+        for rows in micro_steps(groups):
+            (part,) = batch.select(rows)
             with autocast(device, bf16):
                 loss = -sequence_logprobs(policy, part).sum() / normalizer
             loss.backward()

@@ -1,6 +1,8 @@
-"""Resumable, seeded batching of example indices, sharded over data-parallel ranks."""
+"""Resumable, seeded batching of example indices, sharded over data-parallel ranks, and the split of a
+rank's batch into micro-batches (by row count or by token budget)."""
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -51,3 +53,27 @@ class EpochBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def micro_batches(n: int, size: int = 0, *, tokens=None, max_tokens: int = 0) -> list[list[int]]:
+    """The groups of rows ``0..n-1`` that one update's forward/backward passes run, in order.
+
+    By count: consecutive groups of ``size`` rows (0 = all). By token budget (``max_tokens > 0``, with
+    ``tokens`` the valid tokens of each row): ``ceil(sum(tokens) / max_tokens)`` groups balanced by
+    tokens (longest row first into the lightest group), the same number on every rank (the largest),
+    because FSDP2's forwards are collectives that must pair up; a group exceeds the budget only when
+    balancing cannot avoid it (a row longer than the budget)."""
+    if max_tokens <= 0 or tokens is None:
+        size = size or n
+        return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+    tokens = [int(t) for t in (tokens.tolist() if hasattr(tokens, "tolist") else tokens)]
+    if len(tokens) != n:
+        raise ValueError(f"tokens has {len(tokens)} entries for {n} rows")
+    k = min(n, distributed.max_over_ranks(max(1, math.ceil(sum(tokens) / max_tokens))))
+    loads = [(0, g) for g in range(k)]
+    groups: list[list[int]] = [[] for _ in range(k)]
+    for row in sorted(range(n), key=lambda r: -tokens[r]):
+        load, g = heapq.heappop(loads)
+        groups[g].append(row)
+        heapq.heappush(loads, (load + tokens[row], g))
+    return sorted((sorted(g) for g in groups if g), key=lambda g: g[0])

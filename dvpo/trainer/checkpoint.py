@@ -8,6 +8,11 @@ whatever killed the process. Contents: ``model.safetensors`` (the module's full 
 each rank writes its own shards of model and optimizer, and a resume on any number of ranks reads
 them resharded); then ``scheduler.pt``, ``rng.pt``, ``trainer_state.json`` (step, data position, ...),
 plus what the stage adds (model config, tokenizer).
+
+With ``async_save`` the model and optimizer state is copied to CPU memory and written by a background
+thread while training goes on (``torch.distributed.checkpoint.async_save`` under torch.distributed, over
+a gloo group of its own); the folder is renamed into place when every rank has written, as before. One
+checkpoint is in flight at a time: the next save, a load and the end of training wait for it.
 """
 from __future__ import annotations
 
@@ -16,14 +21,16 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import distributed, parallel
 from .rng import rng_state, set_rng_state
@@ -108,19 +115,52 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def _cpu_copy(tree):
+    """``tree`` with every tensor copied to CPU memory (detached from later in-place updates)."""
+    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the state dict, one name per shared tensor (tied weights), as ``save_model`` writes."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
 class Checkpointer:
     """Saves and restores model, optimizer, scheduler, RNG and trainer state; rank 0 writes all but the
     model and optimizer shards of a distributed run."""
 
-    def __init__(self, output_dir: str | os.PathLike, save_total_limit: int = 0):
+    def __init__(self, output_dir: str | os.PathLike, save_total_limit: int = 0, async_save: bool = False):
         self.output_dir = Path(output_dir)
         self.save_total_limit = save_total_limit
+        self.async_save = async_save
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._gloo = None  # the process group of background distributed writes
 
     def save(self, step: int, *, model: nn.Module, optimizer, scheduler, state: dict,
              write_extra: Callable[[Path], None] | None = None) -> Path:
+        self.wait()
         final = self.output_dir / f"{PREFIX}{step}"
         if distributed.is_distributed():
             self._save_sharded(final, model, optimizer, scheduler, state, write_extra)
+        elif self.async_save:
+            tensors, optim = _model_tensors(model), _cpu_copy(optimizer.state_dict())
+            tmp = self._fresh_tmp(final)
+            self._write_rest(tmp, step, scheduler, state, write_extra)
+
+            def write() -> None:
+                save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                torch.save(optim, tmp / "optimizer.pt")
+                self._finalize(tmp, final)
+
+            self._start(write, tmp)
         else:
             with atomic_directory(final) as tmp:
                 save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -134,22 +174,68 @@ class Checkpointer:
         rank 0 the rest, then renames the folder into place once all ranks are done."""
         tmp = final.parent / f".tmp-{final.name}"
         if distributed.is_main():
-            if tmp.exists():  # left by a killed run
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            self._fresh_tmp(final, tmp)
         distributed.barrier()
+        if self.async_save:
+            if self._gloo is None:  # a collective: every rank saves at the same steps
+                self._gloo = torch.distributed.new_group(backend="gloo")
+            written = dcp.async_save(parallel.sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDS),
+                                     process_group=self._gloo)
+            written = getattr(written, "upload_completion", written)  # AsyncSaveResponse on newer torch
+            if distributed.is_main():
+                self._write_rest(tmp, int(final.name.removeprefix(PREFIX)), scheduler, state, write_extra)
+
+            def write() -> None:
+                written.result()  # on rank 0: after every rank's shards (DCP writes its metadata last)
+                if distributed.is_main():
+                    self._finalize(tmp, final)
+
+            self._start(write, tmp if distributed.is_main() else None)
+            return
         dcp.save(parallel.sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDS))
         distributed.barrier()
         if distributed.is_main():
             try:
                 self._write_rest(tmp, int(final.name.removeprefix(PREFIX)), scheduler, state, write_extra)
-                _fsync_tree(tmp)
-                _replace(tmp, final)
+                self._finalize(tmp, final)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
-            self._rotate()
         distributed.barrier()
+
+    @staticmethod
+    def _fresh_tmp(final: Path, tmp: Path | None = None) -> Path:
+        tmp = tmp or final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        if tmp.exists():  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        _fsync_tree(tmp)
+        _replace(tmp, final)
+        self._rotate()
+
+    def _start(self, write: Callable[[], None], tmp: Path | None) -> None:
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # raised again by wait(), on the training thread
+                self._failure = e
+                if tmp is not None and tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+        self._writer = threading.Thread(target=run, name="dvpo-checkpoint", daemon=False)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written in the background is in place; raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise RuntimeError("writing a checkpoint in the background failed") from failure
 
     @staticmethod
     def _write_rest(folder: Path, step: int, scheduler, state: dict, write_extra) -> None:

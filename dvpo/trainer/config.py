@@ -18,6 +18,9 @@ class TrainConfig:
     batch_size: int = option(32, "training examples per step (pairs for preference data)")
     micro_batch_size: int = option(0, "examples per forward/backward; gradients accumulate over a step's "
                                       "micro-batches (0 = no accumulation)")
+    micro_batch_tokens: int = option(0, "token budget per training micro-batch instead of a row count: a step's "
+                                        "rows split into ceil(valid tokens / budget) micro-batches balanced by "
+                                        "tokens, as many on every rank (0 = use micro_batch_size)")
     lr: float = option(1e-5, "peak learning rate of AdamW")
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only; never biases or norms)")
     adam_beta1: float = option(0.9, "AdamW beta1")
@@ -44,6 +47,8 @@ class TrainConfig:
     eval_every: int = option(0, "steps between evaluations (0 = only at the end)")
     save_every: int = option(0, "steps between checkpoints global_step_N/, plus one at the last step "
                                 "(0 = no checkpoints)")
+    async_save: bool = option(False, "write checkpoints in the background: model and optimizer state are copied to "
+                                     "CPU memory and training continues while they are written (one at a time)")
     save_total_limit: int = option(2, "checkpoints kept; older ones are deleted (0 = keep all)")
     resume: str = option("auto", "auto (latest complete checkpoint in output_dir, if any), none, or a path to a "
                                  "global_step_N folder")
@@ -54,7 +59,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {value}")
-        non_negative = {"micro_batch_size": self.micro_batch_size, "max_steps": self.max_steps,
+        non_negative = {"micro_batch_size": self.micro_batch_size, "micro_batch_tokens": self.micro_batch_tokens,
+                        "max_steps": self.max_steps,
                         "epochs": self.epochs, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
                         "max_grad_norm": self.max_grad_norm, "eval_every": self.eval_every,
                         "save_every": self.save_every, "save_total_limit": self.save_total_limit}

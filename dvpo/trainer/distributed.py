@@ -47,16 +47,14 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def average_gradients(params) -> None:
-    """Average the gradients of replicated parameters over ranks (what DDP does, without overlap);
-    FSDP2-sharded parameters (DTensors) are skipped, their gradients arrive reduce-scattered."""
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` any rank passes (a collective; identity for one process)."""
     if not is_distributed():
-        return
-    from torch.distributed.tensor import DTensor
-
-    for p in params:
-        if p.grad is not None and not isinstance(p, DTensor):
-            all_reduce_(p.grad, "mean")
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def padded_shard(items: list) -> tuple[list, list[float]]:

@@ -88,7 +88,7 @@ class Trainer:
         self.batches, self.total_steps = batches, total_steps
         self.extra_state = extra_state or {}
         self.run_dir = Path(cfg.output_dir)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.save_total_limit)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.save_total_limit, async_save=cfg.async_save)
         self.step = 0
 
     def restore(self) -> Path | None:
@@ -148,6 +148,7 @@ class Trainer:
                         self.evaluate(eval_fn, metrics_logger)
                     if cfg.save_every and (self.step % cfg.save_every == 0 or last):
                         self.save_checkpoint(write_extra)
+                self.checkpointer.wait()
                 if eval_fn is not None:
                     results = self.evaluate(eval_fn, metrics_logger)
                 if export_fn is not None:

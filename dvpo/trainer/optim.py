@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from . import distributed
+from . import grad_sync
 from .config import TrainConfig
 
 
@@ -51,7 +51,7 @@ def apply_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, s
     """Average gradients over ranks, clip, step optimizer and schedule, zero gradients.
 
     Returns the pre-clip global gradient norm as a device tensor (no host sync)."""
-    distributed.average_gradients(params)
+    grad_sync.average_gradients(params)
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:

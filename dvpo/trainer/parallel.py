@@ -1,4 +1,5 @@
-"""Data parallelism for the trained model: FSDP2 (``fully_shard``) or replicas with averaged gradients.
+"""Data parallelism for the trained model: FSDP2 (``fully_shard``) or replicas whose gradients are
+averaged in buckets during backward (:mod:`.grad_sync`, DDP's scheme).
 
 Under ``torchrun`` with ``train.parallel: fsdp`` (the default when there is more than one rank) every
 decoder layer is its own FSDP2 unit and the wrapper module (embeddings, final norm, heads) the root, so
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from . import distributed
+from . import distributed, grad_sync
 
 PARALLEL_MODES = ("auto", "fsdp", "replicate")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -52,9 +53,12 @@ def use_fsdp(mode: str) -> bool:
 
 def distribute(wrapper: nn.Module, hf_model: nn.Module, mode: str, *forward_args) -> nn.Module:
     """A trained model under torchrun: FSDP2-sharded (``fsdp``, ``auto``; LoRA models too, their frozen
-    base weights sharded like the rest), or a replica (``replicate``) whose gradients
-    :func:`distributed.average_gradients` all-reduces."""
-    return shard(wrapper, hf_model, *forward_args) if use_fsdp(mode) else wrapper
+    base weights sharded like the rest), or a replica (``replicate``) whose trainable parameters'
+    gradients :class:`grad_sync.GradientBuckets` all-reduces. Unchanged in one process."""
+    if use_fsdp(mode):
+        return shard(wrapper, hf_model, *forward_args)
+    grad_sync.replicate([p for p in wrapper.parameters() if p.requires_grad])
+    return wrapper
 
 
 def shard(wrapper: nn.Module, hf_model: nn.Module, *forward_args) -> nn.Module:
