@@ -142,7 +142,7 @@ def _sanitizer(tool: str) -> Callable[[Run], list[Cmd]]:
 STEPS = (
     Step("install", 70, "wheels carried, pip install --no-build-isolation -e . (sm_90), native backend ready",
          _install),
-    Step("selfcheck", 20, "python -m dvpo_kernels: every op on every backend against float64",
+    Step("selfcheck", 15, "python -m dvpo_kernels: every op on every backend against float64",
          lambda r: [Cmd([r.py, "-m", "dvpo_kernels"])]),
     Step("pytest_gpu", 70, "python -m pytest -m gpu", _pytest_gpu, lambda r: _pytest_gpu(r, collect_only=True)),
     Step("memcheck", 30, "compute-sanitizer memcheck on small native and Triton cases", _sanitizer("memcheck"),
@@ -152,14 +152,17 @@ STEPS = (
          lambda r: [Cmd([r.py, SANITIZER_DRIVER, "--cpu", "--backends", "native"])]),
     Step("bench_policy_loss", 80, "fused loss, both shapes: floor / eager / compile / Liger / ours speed and lean",
          _bench("bench_policy_loss.py", ["--no-sweep", "--reps", "5"], ["--cpu", "--no-sweep", "--reps", "1"])),
-    Step("bench_advantages", 35, "gae and dvpo_advantages against the loop and the byte floor",
+    Step("bench_advantages", 30, "gae and dvpo_advantages against the loop and the byte floor",
          _bench("bench_advantages.py", ["--budget", "0.25"], ["--cpu", "--budget", "0.01", "--hidden", "16"])),
-    Step("bench_generation", 40, "rollout engines against transformers generate, 0.5B, 32 x 256 tokens",
+    Step("bench_generation", 35, "rollout engines against transformers generate, 0.5B, 32 x 256 tokens",
          _bench("bench_generation.py", ["--repeats", "2"],
                 ["--cpu", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"])),
     Step("bench_rlhf_step", 75, "one RLHF step, PPO-RLHF and DVPO, unfused and fused, 0.5B",
          _bench("e2e/bench_rlhf_step.py", ["--warmup", "1", "--steps", "2"],
                 ["--tiny", "--cpu", "--batch", "4", "--warmup", "0", "--steps", "1"])),
+    Step("bench_packing", 15, "packed vs padded value-model steps on the HH length distribution, 0.5B shape",
+         _bench("bench_packing.py", ["--device", "cuda", "--hidden", "896", "--layers", "24", "--steps", "4"],
+                ["--hidden", "32", "--layers", "1", "--steps", "1", "--max-length", "256"])),
     # The heaviest variant of each Triton kernel, compiled by the image's Triton (CI compiles every variant
     # with its own Triton, and nvcc's report of csrc/ is the same wherever nvcc 13 runs).
     Step("compile_report", 15, "registers and spills of the heaviest Triton variants, the image's Triton",
