@@ -116,3 +116,44 @@ def test_token_budget_micro_batches_train_the_same_model(tmp_path, monkeypatch):
     b = load_file(str(tmp_path / "budget" / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _same_weights(a_dir, b_dir, name="model.safetensors"):
+    a, b = load_file(str(a_dir / "final" / name)), load_file(str(b_dir / "final" / name))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@needs_hh
+def test_token_budget_leaves_dvpo_and_gvm_training_unchanged(sft_model, gvm_model, tmp_path, monkeypatch):
+    """A token budget splits the scoring forwards (log-probs, GVM values, the GVM's own targets) and the
+    actor's and GVM's micro-batches differently; the trained weights stay those of whole batches."""
+    import dvpo.trainer.batches as batches
+    from test_dvpo import dvpo_overrides
+
+    splits = []
+    real = batches.micro_batches
+
+    def counting(n, size=0, **kw):
+        groups = real(n, size, **kw)
+        splits.append(len(groups))
+        return groups
+
+    for module in ("dvpo.rl.experience", "dvpo.rl.actor", "dvpo.stages.gvm"):
+        monkeypatch.setattr(f"{module}.micro_batches", counting)
+    kw = dvpo_overrides(sft_model, gvm_model, **{"train.max_steps": "2", "data.eval_size": "0"})
+    run_stage("dvpo", "dvpo_tiny", tmp_path / "dvpo_rows", **kw)
+    assert max(splits) == 1
+    splits.clear()
+    run_stage("dvpo", "dvpo_tiny", tmp_path / "dvpo_tokens", **kw, **{"train.micro_batch_tokens": "40"})
+    assert max(splits) > 1
+    _same_weights(tmp_path / "dvpo_rows", tmp_path / "dvpo_tokens")
+
+    gvm = {**TINY, "model.path": str(sft_model), "data.pairs": str(HH), "data.limit": "24", "data.eval_fraction": "0",
+           "train.batch_size": "4", "train.max_steps": "2"}
+    splits.clear()
+    run_stage("gvm", "gvm_tiny", tmp_path / "gvm_rows", **gvm)
+    run_stage("gvm", "gvm_tiny", tmp_path / "gvm_tokens", **gvm, **{"train.micro_batch_tokens": "150"})
+    assert max(splits) > 1
+    _same_weights(tmp_path / "gvm_rows", tmp_path / "gvm_tokens")

@@ -85,13 +85,13 @@ def state_slice(hidden: Tensor, exp: Experience) -> Tensor:
 
 
 @torch.no_grad()
-def policy_logprobs(policy: PolicyModel, exp: Experience, *, temperature: float, micro: int,
+def policy_logprobs(policy: PolicyModel, exp: Experience, *, temperature: float, micro: int, max_tokens: int = 0,
                     unfused: bool = False, return_entropy: bool = False, memory: str = "speed"):
     """Log-probs ``[B, R]`` (and entropies) of the sampled responses under ``policy``, without
-    gradients, in micro-batches of ``micro`` rows; 0 on masked tokens."""
+    gradients, in micro-batches of ``micro`` rows (or of about ``max_tokens`` tokens); 0 on masked tokens."""
     logp = torch.zeros(exp.mask.shape, device=exp.mask.device)
     ent = torch.zeros_like(logp) if return_entropy else None
-    for rows in micro_batches(exp.batch_size, micro):
+    for rows in micro_batches(exp.batch_size, micro, tokens=exp.attention_mask.sum(1), max_tokens=max_tokens):
         part = exp.select(rows)
         width = part.mask.shape[1]
 
@@ -121,7 +121,7 @@ def _fp32_head(model: ValueModel, hidden: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def state_values(model: ValueModel, exp: Experience, *, micro: int,
+def state_values(model: ValueModel, exp: Experience, *, micro: int, max_tokens: int = 0,
                  chunk_whiten: bool = False) -> tuple[Tensor, Tensor | None]:
     """``[B, R]`` fp32 values of the response states (0 on masked ones), projected micro-batch by
     micro-batch: no more than one micro-batch's hidden states ``[micro, L, H]`` exist at a time.
@@ -132,7 +132,7 @@ def state_values(model: ValueModel, exp: Experience, *, micro: int,
     padding), not only the response states; else None."""
     raw = torch.zeros(exp.mask.shape, device=exp.mask.device)
     white = torch.zeros_like(raw) if chunk_whiten else None
-    for rows in micro_batches(exp.batch_size, micro):
+    for rows in micro_batches(exp.batch_size, micro, tokens=exp.attention_mask.sum(1), max_tokens=max_tokens):
         part = exp.select(rows)
         idx, width = torch.tensor(rows, device=raw.device), part.mask.shape[1]
         with parallel.gathered_root(model):  # hidden_states runs the backbone, not the wrapper's forward
@@ -155,14 +155,14 @@ def last_state_values(values: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sequence_scores(model: ValueModel, exp: Experience, *, micro: int) -> Tensor:
+def sequence_scores(model: ValueModel, exp: Experience, *, micro: int, max_tokens: int = 0) -> Tensor:
     """``[B]`` fp32 score of each sampled sequence where ``model`` was trained to give it: a GVM's value of
     the last response state (before the final token), a reward model's output at the final token (EOS)
     itself. Micro-batched, one micro-batch's hidden states at a time."""
     if model.is_gvm:
-        return last_state_values(state_values(model, exp, micro=micro)[0], exp.mask)
+        return last_state_values(state_values(model, exp, micro=micro, max_tokens=max_tokens)[0], exp.mask)
     scores = torch.zeros(exp.batch_size, device=exp.mask.device)
-    for rows in micro_batches(exp.batch_size, micro):
+    for rows in micro_batches(exp.batch_size, micro, tokens=exp.attention_mask.sum(1), max_tokens=max_tokens):
         part = exp.select(rows)
         last = part.prompt_len + torch.tensor(part.lengths, device=scores.device) - 1
         with parallel.gathered_root(model):

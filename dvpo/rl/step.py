@@ -84,6 +84,7 @@ class RolloutStep:
                  device: torch.device, bf16: bool):
         self.policy, self.reference, self.prompts, self.tokenizer = policy, reference, prompts, tokenizer
         self.rollout_cfg, self.kl_cfg, self.actor, self.micro = rollout, kl, actor, micro
+        self.max_tokens = actor.max_tokens  # scoring forwards take the training token budget too
         self.seed, self.device, self.bf16 = seed, device, bf16
         self.kl_ctl = KLController(kl.coef, adaptive=kl.adaptive, target=kl.target, horizon=kl.horizon)
         self.engine = RolloutEngine(policy.hf_model, rollout.engine)
@@ -105,6 +106,7 @@ class RolloutStep:
     def logprobs(self, model: PolicyModel, exp: Experience, **kw):
         with self.autocast():
             return policy_logprobs(model, exp, temperature=self.rollout_cfg.temperature, micro=self.micro,
+                                   max_tokens=self.max_tokens,
                                    unfused=self.actor.cfg.kernels == "unfused", memory=self.actor.cfg.memory, **kw)
 
     def reference_logprobs(self, exp: Experience) -> torch.Tensor:

@@ -69,13 +69,14 @@ class DVPOStageConfig(RLStageConfig):
 
 
 def gvm_advantages(gvm: ValueModel, exp: Experience, g: GVMCriticConfig, *, kl_coef: float, micro: int,
-                   fused: bool, autocast, timer: Timer) -> None:
+                   fused: bool, autocast, timer: Timer, max_tokens: int = 0) -> None:
     """Fill ``exp.values/advantages/returns`` (and ``exp.scores`` with ``gvm.score=gvm_terminal``) from the
     frozen GVM. Its values are projected micro-batch by micro-batch (``state_values``), then the fused
     ``dvpo_advantages`` runs on them as on one-dimensional hidden states with a unit head: the same
     numbers as projecting inside the op, without holding the batch's ``[B, R, H]`` hidden states."""
     with timer("values"), autocast:
-        raw, white = state_values(gvm, exp, micro=micro, chunk_whiten=g.value_norm == "official")
+        raw, white = state_values(gvm, exp, micro=micro, max_tokens=max_tokens,
+                                  chunk_whiten=g.value_norm == "official")
     with timer("adv"):
         _advantages(exp, g, raw, white, kl_coef, fused)
 
@@ -108,11 +109,11 @@ class DVPOStep(RolloutStep):
 
     def advantages(self, exp: Experience, metrics: dict, timer: Timer) -> None:
         gvm_advantages(self.gvm, exp, self.gvm_cfg, kl_coef=self.kl_in_reward, micro=self.micro,
-                       fused=self.actor.cfg.kernels == "fused", autocast=self.autocast(), timer=timer)
+                       max_tokens=self.max_tokens, fused=self.actor.cfg.kernels == "fused", autocast=self.autocast(), timer=timer)
 
     def eval_scores(self, exp: Experience) -> dict[str, torch.Tensor]:
         with self.autocast():  # the GVM's value of the last state it is trained on (before the final token)
-            values, _ = state_values(self.gvm, exp, micro=self.micro)
+            values, _ = state_values(self.gvm, exp, micro=self.micro, max_tokens=self.max_tokens)
         return {"eval/gvm_final_value": last_state_values(values, exp.mask)}
 
 

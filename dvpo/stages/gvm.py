@@ -234,20 +234,19 @@ class GVMStep:
         mini = max(1, (g.mini_batch_size or t.batch_size) // distributed.world_size())
         micro = t.micro_batch_size or mini
 
-        # Targets from a no-grad pass of the current model, in micro-batches (rows stay in batch order).
+        # Targets from a no-grad pass of the current model, in micro-batches.
+        example_tokens = batch.example_tokens()
         self.model.eval()
         old_values = torch.zeros(batch.mask.shape, device=self.device)
         with torch.no_grad():
-            for m in range(0, n, micro):
-                group = list(range(m, min(n, m + micro)))
-                rows, (part,) = batch.rows(group), batch.select(group)
-                old_values[rows[0]:rows[-1] + 1, :part.mask.shape[1]] = self.values(part)
+            for group in micro_batches(n, micro, tokens=example_tokens, max_tokens=t.micro_batch_tokens):
+                (part,) = batch.select(group)
+                old_values[batch.rows(group), :part.mask.shape[1]] = self.values(part)
         targets = value_targets(old_values, batch.rewards, batch.mask, target=g.target, gamma=g.gamma, lam=g.lam)
         self.model.train()
 
         generator = step_generator(t.seed, step)
         sums = {"loss": 0.0, "value_loss": 0.0, "pairwise_loss": 0.0, "grad_norm": 0.0}
-        example_tokens = batch.example_tokens()
         updates = 0
         for _ in range(g.epochs_per_batch):
             order = torch.randperm(n, generator=generator).tolist()

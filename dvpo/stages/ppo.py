@@ -128,7 +128,7 @@ class PPOStep(RolloutStep):
 
     def rm_scores(self, exp: Experience) -> torch.Tensor:
         with self.autocast():
-            return sequence_scores(self.reward_model, exp, micro=self.micro)
+            return sequence_scores(self.reward_model, exp, micro=self.micro, max_tokens=self.max_tokens)
 
     @torch.no_grad()
     def advantages(self, exp: Experience, metrics: dict, timer: Timer) -> None:
@@ -136,7 +136,8 @@ class PPOStep(RolloutStep):
         with timer("values"):
             self.critic.eval()
             values = torch.zeros(exp.mask.shape, device=self.device)
-            for rows in micro_batches(exp.batch_size, self.micro):
+            for rows in micro_batches(exp.batch_size, self.micro, tokens=exp.attention_mask.sum(1),
+                                      max_tokens=self.max_tokens):
                 part = exp.select(rows)
                 with self.autocast():
                     values[rows, :part.mask.shape[1]] = critic_values(self.critic, part).float()
