@@ -44,6 +44,8 @@ def micro_steps(groups: list):
 
 
 class GradientBuckets:
+    """The buckets of one model's replicated parameters; hooks on each parameter report its gradient."""
+
     def __init__(self, params, cap_mb: float = DEFAULT_CAP_MB):
         from torch.distributed.tensor import DTensor
 
