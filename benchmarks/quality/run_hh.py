@@ -56,9 +56,9 @@ SCALES = {
     "tiny": {"pairs": (48, 32, 8), "value_steps": (6, 3), "policy_steps": 1, "batch": 4, "max_length": 96,
              "max_prompt_length": 64, "max_new_tokens": 8, "eval_prompts": 4, "samples": 1, "trainable_layers": 0,
              "value_lr": 1e-3, "policy_lr": 1e-4},
-    "cpu": {"pairs": (192, 96, 64), "value_steps": (24, 12), "policy_steps": 8, "batch": 8, "max_length": 128,
-            "max_prompt_length": 96, "max_new_tokens": 24, "eval_prompts": 16, "samples": 2, "trainable_layers": 2,
-            "value_lr": 3e-4, "policy_lr": 3e-5},
+    "cpu": {"pairs": (192, 96, 64), "value_steps": (24, 12), "policy_steps": 16, "batch": 8, "max_length": 128,
+            "max_prompt_length": 96, "max_new_tokens": 24, "eval_prompts": 32, "samples": 2, "trainable_layers": 2,
+            "value_lr": 3e-4, "policy_lr": 1e-4},
     "gpu": {"pairs": (1000, 1000, 312), "value_steps": (500, 250), "policy_steps": 200, "batch": 32,
             "max_length": 512, "max_prompt_length": 384, "max_new_tokens": 128, "eval_prompts": 312, "samples": 3,
             "trainable_layers": 0, "value_lr": 1e-5, "policy_lr": 1e-6},
@@ -202,7 +202,7 @@ def value_models(stage: StageRunner, s: dict, files: dict, base: Path, seed: int
 
 def policies(stage: StageRunner, s: dict, files: dict, base: Path, gvm: Path, proxy_rm: Path, common: dict) -> dict:
     steps, b = s["policy_steps"], s["batch"]
-    save = max(1, steps // 2)
+    save = max(1, steps // 4)  # four points on each gold-vs-KL curve
     model = {"path": str(base), "trainable_layers": s["trainable_layers"]}
     lr = s["policy_lr"]
     train = {**common, "max_steps": steps, "batch_size": b, "lr": lr, "warmup_steps": 0, "save_every": save,

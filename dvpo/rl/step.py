@@ -81,10 +81,10 @@ class RolloutStep:
 
     def __init__(self, *, policy: PolicyModel, reference: PolicyModel | None, prompts: list[list[int]], tokenizer,
                  rollout: RolloutConfig, kl: KLConfig, actor: ActorUpdater, micro: int, seed: int,
-                 device: torch.device, bf16: bool):
+                 device: torch.device, bf16: bool, max_tokens: int = 0):
         self.policy, self.reference, self.prompts, self.tokenizer = policy, reference, prompts, tokenizer
         self.rollout_cfg, self.kl_cfg, self.actor, self.micro = rollout, kl, actor, micro
-        self.max_tokens = actor.max_tokens  # scoring forwards take the training token budget too
+        self.max_tokens = max_tokens  # token budget of the scoring forwards (0: ``micro`` rows)
         self.seed, self.device, self.bf16 = seed, device, bf16
         self.kl_ctl = KLController(kl.coef, adaptive=kl.adaptive, target=kl.target, horizon=kl.horizon)
         self.engine = RolloutEngine(policy.hf_model, rollout.engine)

@@ -109,7 +109,8 @@ class DVPOStep(RolloutStep):
 
     def advantages(self, exp: Experience, metrics: dict, timer: Timer) -> None:
         gvm_advantages(self.gvm, exp, self.gvm_cfg, kl_coef=self.kl_in_reward, micro=self.micro,
-                       max_tokens=self.max_tokens, fused=self.actor.cfg.kernels == "fused", autocast=self.autocast(), timer=timer)
+                       max_tokens=self.max_tokens, fused=self.actor.cfg.kernels == "fused", autocast=self.autocast(),
+                       timer=timer)
 
     def eval_scores(self, exp: Experience) -> dict[str, torch.Tensor]:
         with self.autocast():  # the GVM's value of the last state it is trained on (before the final token)
@@ -128,7 +129,7 @@ def run(cfg: DVPOStageConfig, *, reward_fn=None) -> dict[str, float]:
                        cfg.train.shard_frozen)
     step = DVPOStep(gvm=gvm, gvm_cfg=cfg.gvm, policy=s.policy, reference=s.reference, prompts=s.prompts,
                     tokenizer=s.tokenizer, rollout=cfg.rollout, kl=cfg.kl, actor=s.actor, micro=s.micro,
-                    seed=cfg.train.seed, device=s.device, bf16=s.bf16)
+                    seed=cfg.train.seed, device=s.device, bf16=s.bf16, max_tokens=cfg.train.micro_batch_tokens)
     trainer = Trainer(cfg.train, model=s.policy, optimizer=s.optimizer, scheduler=s.scheduler, batches=s.batches,
                       total_steps=s.total_steps, extra_state={"kl_controller": step.kl_ctl, "actor": s.actor})
     trainer.restore()

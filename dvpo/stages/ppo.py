@@ -207,7 +207,8 @@ def run(cfg: PPOStageConfig, *, reward_fn=None) -> dict[str, float]:
     step = PPOStep(critic=critic, reward_model=reward_model, critic_cfg=cfg.critic, critic_optimizer=critic_optimizer,
                    critic_scheduler=critic_scheduler, max_grad_norm=t.max_grad_norm, policy=s.policy,
                    reference=s.reference, prompts=s.prompts, tokenizer=s.tokenizer, rollout=cfg.rollout, kl=cfg.kl,
-                   actor=s.actor, micro=s.micro, seed=t.seed, device=s.device, bf16=s.bf16)
+                   actor=s.actor, micro=s.micro, seed=t.seed, device=s.device, bf16=s.bf16,
+                   max_tokens=t.micro_batch_tokens)
     trainer = Trainer(t, model=ActorCritic(s.policy, critic),
                       optimizer=Bundle(actor=s.optimizer, critic=critic_optimizer),
                       scheduler=Bundle(actor=s.scheduler, critic=critic_scheduler), batches=s.batches,

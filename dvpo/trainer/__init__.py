@@ -12,8 +12,9 @@ from .precision import autocast, generation_autocast, resolve_device, use_bf16
 from .rng import rng_state, seed_everything, set_rng_state, step_generator
 
 __all__ = [
-    "Bundle", "Checkpointer", "EpochBatches", "MetricsLogger", "TrainConfig", "Trainer", "apply_update", "atomic_directory",
-    "autocast", "build_optimizer", "build_scheduler", "distributed", "generation_autocast", "grad_sync", "latest_checkpoint",
-    "list_checkpoints", "lr_multiplier", "mean_over_ranks", "micro_batches", "micro_steps", "resolve_device", "resolve_resume", "rng_state", "seed_everything",
-    "set_rng_state", "start_run", "step_generator", "to_floats", "trainable_parameters", "use_bf16", "write_json",
+    "Bundle", "Checkpointer", "EpochBatches", "MetricsLogger", "TrainConfig", "Trainer", "apply_update",
+    "atomic_directory", "autocast", "build_optimizer", "build_scheduler", "distributed", "generation_autocast",
+    "grad_sync", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "mean_over_ranks", "micro_batches",
+    "micro_steps", "resolve_device", "resolve_resume", "rng_state", "seed_everything", "set_rng_state", "start_run",
+    "step_generator", "to_floats", "trainable_parameters", "use_bf16", "write_json",
 ]
