@@ -1,6 +1,6 @@
 """Micro-batches by token budget, and replicas' gradients averaged in buckets during backward (DDP's
 scheme) over two gloo processes: equal to the mean of the ranks' full-batch gradients, with accumulation,
-several buckets and a parameter only one rank uses."""
+several buckets, a parameter only one rank uses and one no rank uses."""
 from __future__ import annotations
 
 import os
@@ -22,15 +22,14 @@ def test_micro_batches_by_count_are_consecutive():
     assert micro_batches(3, 2, tokens=[1, 2, 3], max_tokens=0) == [[0, 1], [2]]
 
 
-def test_micro_batches_by_token_budget_balance_and_cover_every_row():
+def test_micro_batches_by_token_budget_group_similar_lengths_within_the_budget():
     tokens = [7, 3, 5, 5, 2, 8, 1, 9]
     groups = micro_batches(len(tokens), 2, tokens=tokens, max_tokens=10)
-    assert len(groups) == 4  # ceil(40 / 10)
-    assert sorted(r for g in groups for r in g) == list(range(len(tokens)))
-    assert all(g == sorted(g) for g in groups) and [g[0] for g in groups] == sorted(g[0] for g in groups)
-    assert [sum(tokens[r] for r in g) for g in groups] == [10, 10, 10, 10]
-    # a row longer than the budget runs on its own; never more groups than rows
-    assert micro_batches(3, 0, tokens=torch.tensor([50, 1, 1]), max_tokens=10) == [[0], [1], [2]]
+    # longest first: 9 | 8 | 7 | 5 5 | 3 2 1, each group's rows x longest row <= 10
+    assert groups == [[7], [5], [0], [2, 3], [1, 4, 6]]
+    assert all(len(g) * max(tokens[r] for r in g) <= 10 for g in groups)
+    # a row longer than the budget runs on its own; a generous budget keeps one group
+    assert micro_batches(3, 0, tokens=torch.tensor([50, 1, 1]), max_tokens=10) == [[0], [1, 2]]
     assert micro_batches(2, 0, tokens=[1, 1], max_tokens=1000) == [[0, 1]]
     with pytest.raises(ValueError, match="tokens"):
         micro_batches(3, 0, tokens=[1, 2], max_tokens=4)
@@ -40,7 +39,8 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.ModuleDict({"body": nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                                                 nn.Linear(16, 3)),
-                          "extra": nn.Linear(6, 3)})  # used by rank 1 only
+                          "extra": nn.Linear(6, 3),  # used by rank 1 only
+                          "never": nn.Linear(2, 2)})  # used by no rank: keeps no gradient
 
 
 def _loss(model: nn.Module, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -60,11 +60,14 @@ def _worker(rank: int, store: str, results: dict) -> None:
         params = list(model.parameters())
         grad_sync.replicate(params, cap_mb=0.001)  # about 1 KB: several buckets
         x = _data(rank)
+        # ranks that need different numbers of micro-batches run as many as the rank that needs most
+        lengths = [10, 10, 10, 10] if rank == 0 else [40, 1, 1, 1]
+        results[f"groups{rank}"] = micro_batches(4, 0, tokens=lengths, max_tokens=40)
         for _ in range(2):  # two steps: the buckets reset after each
             for rows in grad_sync.micro_steps([list(range(0, 3)), list(range(3, 8))]):
                 _loss(model, x[rows], rank).backward()
             grad_sync.average_gradients(params)
-            grads = [p.grad.clone() for p in params]
+            grads = [None if p.grad is None else p.grad.clone() for p in params]
             model.zero_grad(set_to_none=True)
         results[rank] = (grads, len(getattr(params[0], grad_sync._OWNER).buckets))
         # a backward that is not marked as accumulation after the last bucket launched is refused
@@ -85,13 +88,18 @@ def test_bucketed_gradients_equal_the_mean_over_ranks(tmp_path):
     model = _model()
     for rank in range(2):
         _loss(model, _data(rank), rank).backward()
-    expected = [p.grad / 2 for p in model.parameters()]
+    expected = [None if p.grad is None else p.grad / 2 for p in model.parameters()]
     (grads0, buckets), (grads1, _) = results[0], results[1]
     assert buckets > 2
+    assert sum(g is None for g in expected) == 2  # "never"'s weight and bias
     for got0, got1, want in zip(grads0, grads1, expected):
+        if want is None:
+            assert got0 is None and got1 is None
+            continue
         torch.testing.assert_close(got0, want, rtol=1e-5, atol=1e-6)
         assert torch.equal(got0, got1)
     assert "accumulating" in results["error0"] and "accumulating" in results["error1"]
+    assert results["groups0"] == [[0, 1], [2, 3]] and results["groups1"] == [[0], [1, 2, 3]]
 
 
 @needs_hh

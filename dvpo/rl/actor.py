@@ -123,12 +123,15 @@ class ActorUpdater:
 
     def _update(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """Step the optimizer unless the loss or the gradient is not finite (then skip, log, count)."""
+        # Replicas' gradient buckets first: no other collective may run between the backward and them.
+        grad_sync.average_gradients(self.params)
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                  for p in self.params if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        finite = torch.isfinite(loss)
+        if grads:
+            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         if bool(distributed.all_reduce_(finite.float(), "mean") == 1.0):
-            return apply_update(self.params, self.optimizer, self.scheduler, self.max_grad_norm)
-        grad_sync.average_gradients(self.params)  # every rank skips: complete the all-reduces in flight
+            return apply_update(self.params, self.optimizer, self.scheduler, self.max_grad_norm, averaged=True)
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)

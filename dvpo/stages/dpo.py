@@ -199,6 +199,13 @@ class PreferenceStep:
         self.device, self.bf16, self.value_term, self.extra_metrics = device, bf16, value_term, extra_metrics
         self.params = trainable_parameters(policy)
 
+    def tokens(self, ex: PreferenceExample, with_value_term: bool) -> int:
+        """Tokens ``ex`` puts through the policy: chosen, rejected, and its calibration sample if any."""
+        n = len(ex.chosen) + len(ex.rejected)
+        if with_value_term and self.value_term.samples is not None:
+            n += len(self.value_term.samples[tuple(ex.prompt_ids)][0])
+        return n
+
     def calibration(self, group: list[PreferenceExample]) -> tuple[list[EncodedSequence], list[float]] | None:
         """The calibration samples of ``group``'s prompts and their reference log-probs (None: pi_cal is the
         chosen responses)."""
@@ -244,7 +251,7 @@ class PreferenceStep:
         n = len(indices)
         with_value_term = self.value_term is not None
         sums: dict[str, Tensor] = {}
-        tokens = [len(self.examples[i].chosen) + len(self.examples[i].rejected) for i in indices]
+        tokens = [self.tokens(self.examples[i], with_value_term) for i in indices]
         for rows in micro_steps(micro_batches(n, self.micro, tokens=tokens, max_tokens=self.max_tokens)):
             terms = self.forward([self.examples[indices[r]] for r in rows], with_value_term)
             (terms["loss"].sum() / n).backward()

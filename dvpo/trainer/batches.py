@@ -2,7 +2,6 @@
 rank's batch into micro-batches (by row count or by token budget)."""
 from __future__ import annotations
 
-import heapq
 import math
 
 import torch
@@ -59,21 +58,28 @@ def micro_batches(n: int, size: int = 0, *, tokens=None, max_tokens: int = 0) ->
     """The groups of rows ``0..n-1`` that one update's forward/backward passes run, in order.
 
     By count: consecutive groups of ``size`` rows (0 = all). By token budget (``max_tokens > 0``, with
-    ``tokens`` the valid tokens of each row): ``ceil(sum(tokens) / max_tokens)`` groups balanced by
-    tokens (longest row first into the lightest group), the same number on every rank (the largest),
-    because FSDP2's forwards are collectives that must pair up; a group exceeds the budget only when
-    balancing cannot avoid it (a row longer than the budget)."""
+    ``tokens`` the valid tokens of each row): rows sorted longest first and cut into consecutive groups
+    whose padded size (rows x the group's longest row) stays within ``max_tokens`` (a longer row runs
+    alone), so rows of similar length share a micro-batch and neither padding nor packed rows waste
+    much. Every rank runs the same number of groups (the most any rank needs; ranks pass the same
+    ``n``), because FSDP2's forwards are collectives that must pair up: a rank that needs fewer splits
+    its largest groups."""
     if max_tokens <= 0 or tokens is None:
         size = size or n
         return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
     tokens = [int(t) for t in (tokens.tolist() if hasattr(tokens, "tolist") else tokens)]
     if len(tokens) != n:
         raise ValueError(f"tokens has {len(tokens)} entries for {n} rows")
-    k = min(n, distributed.max_over_ranks(max(1, math.ceil(sum(tokens) / max_tokens))))
-    loads = [(0, g) for g in range(k)]
-    groups: list[list[int]] = [[] for _ in range(k)]
+    groups: list[list[int]] = []
     for row in sorted(range(n), key=lambda r: -tokens[r]):
-        load, g = heapq.heappop(loads)
-        groups[g].append(row)
-        heapq.heappush(loads, (load + tokens[row], g))
-    return sorted((sorted(g) for g in groups if g), key=lambda g: g[0])
+        if groups and (len(groups[-1]) + 1) * tokens[groups[-1][0]] <= max_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    k = min(n, distributed.max_over_ranks(len(groups)))
+    while len(groups) < k:  # split the largest group that has two rows or more
+        i = max((g for g in range(len(groups)) if len(groups[g]) > 1),
+                key=lambda g: len(groups[g]) * tokens[groups[g][0]])
+        half = (len(groups[i]) + 1) // 2
+        groups[i:i + 1] = [groups[i][:half], groups[i][half:]]
+    return [sorted(g) for g in groups]

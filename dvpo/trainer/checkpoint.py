@@ -12,12 +12,14 @@ plus what the stage adds (model config, tokenizer).
 With ``async_save`` the model and optimizer state is copied to CPU memory and written by a background
 thread while training goes on (``torch.distributed.checkpoint.async_save`` under torch.distributed, over
 a gloo group of its own); the folder is renamed into place when every rank has written, as before. One
-checkpoint is in flight at a time: the next save, a load and the end of training wait for it.
+checkpoint is in flight at a time: the next save and the end of training wait for it, and a write that
+failed on any rank raises on every rank there.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +36,8 @@ from torch.utils._pytree import tree_map
 
 from . import distributed, parallel
 from .rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 PREFIX = "global_step_"
 STATE_FILE = "trainer_state.json"
@@ -153,7 +157,11 @@ class Checkpointer:
         elif self.async_save:
             tensors, optim = _model_tensors(model), _cpu_copy(optimizer.state_dict())
             tmp = self._fresh_tmp(final)
-            self._write_rest(tmp, step, scheduler, state, write_extra)
+            try:
+                self._write_rest(tmp, step, scheduler, state, write_extra)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
             def write() -> None:
                 save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -221,6 +229,7 @@ class Checkpointer:
             try:
                 write()
             except BaseException as e:  # raised again by wait(), on the training thread
+                log.exception("writing a checkpoint in the background failed")
                 self._failure = e
                 if tmp is not None and tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -230,12 +239,17 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the checkpoint being written in the background is in place; raise its error."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise RuntimeError("writing a checkpoint in the background failed") from failure
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer = None
+        failure, self._failure = self._failure, None
+        # every rank has a writer at the same steps: agree on the outcome, or the others would wait for
+        # rank 0's rename at the next barrier forever
+        failed = distributed.max_over_ranks(int(failure is not None))
+        if failed:
+            raise RuntimeError("writing a checkpoint in the background failed"
+                               + ("" if failure is not None else " on another rank")) from failure
 
     @staticmethod
     def _write_rest(folder: Path, step: int, scheduler, state: dict, write_extra) -> None:

@@ -18,9 +18,9 @@ class TrainConfig:
     batch_size: int = option(32, "training examples per step (pairs for preference data)")
     micro_batch_size: int = option(0, "examples per forward/backward; gradients accumulate over a step's "
                                       "micro-batches (0 = no accumulation)")
-    micro_batch_tokens: int = option(0, "token budget per training micro-batch instead of a row count: a step's "
-                                        "rows split into ceil(valid tokens / budget) micro-batches balanced by "
-                                        "tokens, as many on every rank (0 = use micro_batch_size)")
+    micro_batch_tokens: int = option(0, "token budget per micro-batch instead of a row count: rows sorted by "
+                                        "length into micro-batches of rows x longest row <= budget, as many on "
+                                        "every rank (0 = use micro_batch_size)")
     lr: float = option(1e-5, "peak learning rate of AdamW")
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only; never biases or norms)")
     adam_beta1: float = option(0.9, "AdamW beta1")

@@ -5,7 +5,9 @@ backward produces their gradients). During the backward of a batch's last micro-
 flattened and all-reduced asynchronously as soon as it and every earlier bucket are complete, so the
 communication overlaps the rest of the backward; :meth:`GradientBuckets.finish` launches what is left
 (buckets holding a parameter this rank did not use, whose gradient counts as zero), waits, and writes
-the averages back. Buckets launch in index order on every rank, so the collectives always match.
+the averages back; a parameter no rank used keeps no gradient (as in one process: no weight decay, no
+momentum step). Buckets launch in index order on every rank, so the collectives always match -- as long
+as no other collective runs between a step's last backward and :meth:`finish` (check gradients after it).
 
 Earlier micro-batches only accumulate: :func:`accumulating` marks them, as DDP's ``no_sync`` does.
 """
@@ -86,8 +88,10 @@ class GradientBuckets:
             self._launch(self._next)
 
     def _launch(self, i: int) -> None:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in self.buckets[i]])
+        bucket = self.buckets[i]
+        used = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+                         + [used])  # the flags sum to the number of ranks that used each parameter
         flat.div_(distributed.world_size())
         self._flights.append((i, flat, dist.all_reduce(flat, async_op=True)))
         self._next = i + 1
@@ -98,11 +102,14 @@ class GradientBuckets:
             self._launch(self._next)
         for i, flat, work in self._flights:
             work.wait()
-            offset = 0
-            for p in self.buckets[i]:
+            bucket, offset = self.buckets[i], 0
+            used = flat[-len(bucket):].tolist()
+            for p, anyone in zip(bucket, used):
                 mean = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-                if p.grad is None:
+                if anyone == 0:
+                    p.grad = None
+                elif p.grad is None:
                     p.grad = mean.clone()
                 else:
                     p.grad.copy_(mean)

@@ -47,11 +47,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_up
 
 
 def apply_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
-                 max_grad_norm: float) -> torch.Tensor:
-    """Average gradients over ranks, clip, step optimizer and schedule, zero gradients.
+                 max_grad_norm: float, averaged: bool = False) -> torch.Tensor:
+    """Average gradients over ranks (unless ``averaged`` already), clip, step optimizer and schedule,
+    zero gradients.
 
     Returns the pre-clip global gradient norm as a device tensor (no host sync)."""
-    grad_sync.average_gradients(params)
+    if not averaged:
+        grad_sync.average_gradients(params)
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
