@@ -5,6 +5,7 @@ example name, JSON overrides: that stage's run."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def main(out: str, mode: str, sft: str, gvm: str, hh: str) -> None:
                                                           "world_size": dist.get_world_size(),
                                                           "whiten_error_below_1e-5": whiten_error < 1e-5}))
     dist.destroy_process_group()
+    _exit()
 
 
 def run_stage(out: str, stage: str, example: str, overrides: str) -> None:
@@ -85,6 +87,15 @@ def run_stage(out: str, stage: str, example: str, overrides: str) -> None:
         state = {"world_size": dist.get_world_size(), "parallel": parallel_kind(trained[0])}
         (Path(out) / "ranks.json").write_text(json.dumps(state))
     dist.destroy_process_group()
+    _exit()
+
+
+def _exit() -> None:
+    """Leave without interpreter teardown once the results are written: on rare runs a torch background
+    thread aborted the process there ("terminate called without an active exception") after all work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
