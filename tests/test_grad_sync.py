@@ -102,6 +102,13 @@ def test_bucketed_gradients_equal_the_mean_over_ranks(tmp_path):
     assert results["groups0"] == [[0, 1], [2, 3]] and results["groups1"] == [[0], [1, 2, 3]]
 
 
+def _same_weights(a_dir, b_dir, name="model.safetensors"):
+    a, b = load_file(str(a_dir / "final" / name)), load_file(str(b_dir / "final" / name))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 @needs_hh
 def test_token_budget_micro_batches_train_the_same_model(tmp_path, monkeypatch):
     """Accumulating over token-balanced micro-batches gives the whole batch's gradient: same weights."""
@@ -120,17 +127,7 @@ def test_token_budget_micro_batches_train_the_same_model(tmp_path, monkeypatch):
     run_stage("sft", "sft_tiny", tmp_path / "whole", **kw)
     run_stage("sft", "sft_tiny", tmp_path / "budget", **kw, **{"train.micro_batch_tokens": "200"})
     assert splits[:2] == [1, 1] and min(splits[2:]) > 1
-    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "budget" / "final" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-
-
-def _same_weights(a_dir, b_dir, name="model.safetensors"):
-    a, b = load_file(str(a_dir / "final" / name)), load_file(str(b_dir / "final" / name))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    _same_weights(tmp_path / "whole", tmp_path / "budget")
 
 
 @needs_hh

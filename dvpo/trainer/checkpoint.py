@@ -73,13 +73,19 @@ def _replace(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _fresh_tmp(final: Path, tmp: Path | None = None) -> Path:
+    """An empty hidden folder beside ``final`` to write it in (a unique name unless ``tmp`` is given)."""
+    tmp = tmp or final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    if tmp.exists():  # left by a killed run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary folder; on success it replaces ``final`` in one rename (after fsync)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _fresh_tmp(Path(final))
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -156,7 +162,7 @@ class Checkpointer:
             self._save_sharded(final, model, optimizer, scheduler, state, write_extra)
         elif self.async_save:
             tensors, optim = _model_tensors(model), _cpu_copy(optimizer.state_dict())
-            tmp = self._fresh_tmp(final)
+            tmp = _fresh_tmp(final)
             try:
                 self._write_rest(tmp, step, scheduler, state, write_extra)
             except BaseException:
@@ -182,7 +188,7 @@ class Checkpointer:
         rank 0 the rest, then renames the folder into place once all ranks are done."""
         tmp = final.parent / f".tmp-{final.name}"
         if distributed.is_main():
-            self._fresh_tmp(final, tmp)
+            _fresh_tmp(final, tmp)
         distributed.barrier()
         if self.async_save:
             if self._gloo is None:  # a collective: every rank saves at the same steps
@@ -210,14 +216,6 @@ class Checkpointer:
                 if tmp.exists():
                     shutil.rmtree(tmp)
         distributed.barrier()
-
-    @staticmethod
-    def _fresh_tmp(final: Path, tmp: Path | None = None) -> Path:
-        tmp = tmp or final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        if tmp.exists():  # left by a killed run
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        return tmp
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         _fsync_tree(tmp)
